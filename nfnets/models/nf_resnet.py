@@ -1,0 +1,121 @@
+"""NF-ResNets: pre-activation bottleneck ResNets without normalization.
+
+Brock, De, Smith. "Characterizing signal propagation to close the performance
+gap in unnormalized ResNets." ICLR 2021, Sec. 4: Scaled WS convs, gamma-scaled
+ReLU, `h + alpha * f(h / beta)` residual blocks with `skip_gain` init 0, and
+the projection shortcut taken from the normalised input at transitions.
+"""
+
+from typing import Optional, Union
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+from nfnets import layers
+from nfnets.models import nfnet
+
+# Blocks per stage by depth (He et al. 2016; 26 and 288 as in the paper).
+DEPTHS: dict[int, tuple[int, int, int, int]] = {
+    26: (2, 2, 2, 2),
+    50: (3, 4, 6, 3),
+    101: (3, 4, 23, 3),
+    152: (3, 8, 36, 3),
+    200: (3, 24, 36, 3),
+    288: (24, 24, 24, 24),
+}
+WIDTHS = (256, 512, 1024, 2048)
+STRIDES = (1, 2, 2, 2)
+TOTAL_STRIDE = 32  # 7x7 conv and max pool, then three strided stages
+
+
+def check_depth(depth: int) -> tuple[int, int, int, int]:
+  if depth not in DEPTHS:
+    raise ValueError(f"unknown ResNet depth {depth}; valid: "
+                     f"{', '.join(map(str, DEPTHS))}")
+  return DEPTHS[depth]
+
+
+class NFResBlock(hk.Module):
+  """Pre-activation bottleneck: `h + alpha * skip_gain * f(act(h) * beta)`."""
+
+  def __init__(self, in_channels: int, out_channels: int, *, stride: int,
+               beta: float, alpha: float, activation: layers.Activation,
+               drop_rate: float, standardize: bool,
+               name: Optional[str] = None):
+    super().__init__(name=name)
+    self.beta = beta
+    self.alpha = alpha
+    self.activation = activation
+    self.drop_rate = drop_rate
+    width = out_channels // 4
+    conv = lambda ch, k, **kw: layers.WSConv2D(  # pylint: disable=g-long-lambda
+        ch, k, standardize=standardize, **kw)
+    self.conv0 = conv(width, 1, name="conv0")
+    self.conv1 = conv(width, 3, stride=stride, name="conv1")
+    self.conv2 = conv(out_channels, 1, name="conv2")
+    self.conv_shortcut = None
+    if stride > 1 or in_channels != out_channels:
+      self.conv_shortcut = conv(out_channels, 1, stride=stride,
+                                name="conv_shortcut")
+
+  def __call__(self, x: jax.Array,
+               is_training: bool) -> tuple[jax.Array, jax.Array]:
+    out = self.activation(x) * self.beta
+    shortcut = x if self.conv_shortcut is None else self.conv_shortcut(out)
+    out = self.conv0(out)
+    out = self.conv1(self.activation(out))
+    out = self.conv2(self.activation(out))
+    _, res_var = layers.signal_metrics(out)
+    out = layers.stochastic_depth(out, self.drop_rate, is_training)
+    skip_gain = hk.get_parameter("skip_gain", (), init=jnp.zeros)
+    return out * (skip_gain * self.alpha).astype(out.dtype) + shortcut, res_var
+
+
+class NFResNet(hk.Module):
+  """NF-ResNet-26 to -288 classifier (NHWC input)."""
+
+  def __init__(self, num_classes: int = 1000, depth: int = 50, *,
+               width_multiplier: float = 1.0,
+               activation: Union[str, layers.Activation] = "relu",
+               alpha: float = 0.2, drop_path_rate: float = 0.1,
+               dropout_rate: float = 0.25, standardize: bool = True,
+               name: str = "NFResNet"):
+    super().__init__(name=name)
+    depths = check_depth(depth)
+    widths = [int(w * width_multiplier) for w in WIDTHS]
+    if min(widths) < 4:
+      raise ValueError(f"width_multiplier {width_multiplier} leaves a stage "
+                       "with fewer than 4 channels")
+    self.dropout_rate = dropout_rate
+    self.activation = layers.scaled_activation(activation)
+    self.stem = layers.WSConv2D(widths[0] // 4, 7, stride=2,
+                                standardize=standardize, name="initial_conv")
+    self.blocks, self.block_stages = [], []
+    in_ch, expected_std, index, total = widths[0] // 4, 1.0, 0, sum(depths)
+    for stage, (width, count, stride) in enumerate(zip(widths, depths,
+                                                       STRIDES)):
+      for j in range(count):
+        self.blocks.append(NFResBlock(
+            in_ch, width, stride=stride if j == 0 else 1,
+            beta=1.0 / expected_std, alpha=alpha, activation=self.activation,
+            drop_rate=drop_path_rate * index / total,
+            standardize=standardize))
+        self.block_stages.append(stage)
+        expected_std = ((1.0 if j == 0 else expected_std ** 2) +
+                        alpha ** 2) ** 0.5
+        in_ch, index = width, index + 1
+    self.classifier = hk.Linear(num_classes, w_init=jnp.zeros, name="linear")
+
+  def __call__(self, images: jax.Array, is_training: bool,
+               return_metrics: bool = False):
+    """Applies the network; see `NFNet.__call__` for the arguments."""
+    nfnet.check_image(images, TOTAL_STRIDE)
+    out = hk.max_pool(self.stem(images), (1, 3, 3, 1), (1, 2, 2, 1), "SAME")
+    out, metrics = nfnet.apply_blocks(self.blocks, self.block_stages, out,
+                                         is_training)
+    logits = nfnet.classify(self.activation(out), self.classifier,
+                            self.dropout_rate, is_training)
+    if not return_metrics:
+      return logits
+    return logits, metrics

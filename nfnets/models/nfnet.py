@@ -1,0 +1,260 @@
+"""NFNet F0-F7 (and F0+ to F7+): normalizer-free SE-ResNeXt-D networks.
+
+Brock, De, Smith, Simonyan. "High-Performance Large-Scale Image Recognition
+Without Normalization." ICML 2021, Sec. 5 and App. C. Module paths and
+parameter names follow the released DeepMind checkpoints
+(`NFNet/~/nf_block_3/~/conv1b/w`, ...), so those files load unchanged.
+"""
+
+import dataclasses
+from typing import Optional, Sequence, Union
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+from nfnets import layers
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """One row of the NFNet variant table (ICML 2021, Table 1 and App. C)."""
+  depths: tuple[int, ...]
+  train_image_size: int
+  test_image_size: int
+  dropout_rate: float
+  randaugment: tuple[int, int]  # (layers, magnitude)
+
+
+def _variant(k: int) -> Variant:
+  train = (192, 224, 256, 320, 384, 416, 448, 480)[k]
+  test = (256, 320, 352, 416, 512, 544, 576, 608)[k]
+  dropout = (0.2, 0.3, 0.4, 0.4, 0.5, 0.5, 0.5, 0.5)[k]
+  magnitude = (5, 10, 10, 15, 15, 15, 15, 15)[k]
+  return Variant(tuple(d * (k + 1) for d in (1, 2, 6, 3)), train, test,
+                 dropout, (4, magnitude))
+
+
+VARIANTS: dict[str, Variant] = {f"F{k}": _variant(k) for k in range(8)}
+WIDTHS = (256, 512, 1536, 1536)
+PLUS_WIDTHS = (384, 768, 2048, 2048)
+STRIDES = (1, 2, 2, 2)
+TOTAL_STRIDE = 32  # stem 4 x three strided stages
+
+
+def parse_variant(variant: str) -> tuple[Variant, tuple[int, ...]]:
+  """Maps 'F0' ... 'F7' and 'F0+' ... 'F7+' to (table row, stage widths)."""
+  base = variant.upper().rstrip("+")
+  if base not in VARIANTS:
+    valid = [f"F{k}" for k in range(8)] + [f"F{k}+" for k in range(8)]
+    raise ValueError(f"unknown NFNet variant {variant!r}; valid: "
+                     f"{', '.join(valid)}")
+  return VARIANTS[base], (PLUS_WIDTHS if variant.endswith("+") else WIDTHS)
+
+
+class NFBlock(hk.Module):
+  """The NFNet bottleneck block: `h + alpha * skip_gain * f(act(h) * beta)`.
+
+  The branch is 1x1 conv, 3x3 grouped conv (strided), 3x3 grouped conv, 1x1
+  conv, then squeeze-excite (`2 * gate * x`) and per-example stochastic
+  depth. A strided block's shortcut is 2x2 average pooling then a 1x1 conv of
+  the normalised input; a widening block's is a 1x1 conv of it; else identity.
+  """
+
+  def __init__(self, in_channels: int, out_channels: int, *, stride: int,
+               beta: float, alpha: float, group_width: int,
+               activation: layers.Activation, se_ratio: float,
+               drop_rate: float, standardize: bool,
+               name: Optional[str] = None):
+    super().__init__(name=name)
+    self.stride = stride
+    self.beta = beta
+    self.alpha = alpha
+    self.activation = activation
+    self.drop_rate = drop_rate
+    width = int(out_channels * 0.5) // group_width * group_width
+    groups = width // group_width
+    conv = lambda ch, k, **kw: layers.WSConv2D(  # pylint: disable=g-long-lambda
+        ch, k, standardize=standardize, **kw)
+    self.conv0 = conv(width, 1, name="conv0")
+    self.conv1 = conv(width, 3, stride=stride, feature_group_count=groups,
+                      name="conv1")
+    self.conv1b = conv(width, 3, feature_group_count=groups, name="conv1b")
+    self.conv2 = conv(out_channels, 1, name="conv2")
+    self.conv_shortcut = None
+    if stride > 1 or in_channels != out_channels:
+      self.conv_shortcut = conv(out_channels, 1, name="conv_shortcut")
+    self.se = None
+    if se_ratio > 0:
+      self.se = layers.SqueezeExcite(
+          out_channels, max(1, int(out_channels * se_ratio)),
+          name="squeeze_excite")
+
+  def __call__(self, x: jax.Array,
+               is_training: bool) -> tuple[jax.Array, jax.Array]:
+    """Returns the block output and the residual branch's average variance."""
+    out = self.activation(x) * self.beta
+    shortcut = x
+    if self.stride > 1:
+      shortcut = hk.avg_pool(out, (1, 2, 2, 1), (1, 2, 2, 1), "SAME")
+    elif self.conv_shortcut is not None:
+      shortcut = out
+    if self.conv_shortcut is not None:
+      shortcut = self.conv_shortcut(shortcut)
+    out = self.conv0(out)
+    out = self.conv1(self.activation(out))
+    out = self.conv1b(self.activation(out))
+    out = self.conv2(self.activation(out))
+    if self.se is not None:
+      out = 2.0 * self.se(out).astype(out.dtype) * out
+    _, res_var = layers.signal_metrics(out)
+    out = layers.stochastic_depth(out, self.drop_rate, is_training)
+    skip_gain = hk.get_parameter("skip_gain", (), init=jnp.zeros)
+    return out * (skip_gain * self.alpha).astype(out.dtype) + shortcut, res_var
+
+
+class NFNet(hk.Module):
+  """NFNet F0-F7 / F0+-F7+ image classifier (NHWC input).
+
+  Options beyond the published variants exist for research and tests:
+  `width_multiplier` scales the stage widths, `group_width` sets the grouped
+  convs' group size (small values give tiny models), `depths` overrides the
+  blocks per stage and `standardize=False` replaces WS convs with plain ones.
+  """
+
+  def __init__(self, num_classes: int = 1000, variant: str = "F0", *,
+               width_multiplier: float = 1.0, group_width: int = 128,
+               depths: Optional[Sequence[int]] = None,
+               activation: Union[str, layers.Activation] = "gelu",
+               alpha: float = 0.2, drop_path_rate: float = 0.25,
+               dropout_rate: Optional[float] = None, se_ratio: float = 0.5,
+               standardize: bool = True, name: str = "NFNet"):
+    super().__init__(name=name)
+    row, base_widths = parse_variant(variant)
+    depths = tuple(depths) if depths is not None else row.depths
+    if len(depths) != len(STRIDES) or min(depths) < 1:
+      raise ValueError(f"depths must be 4 positive block counts, got {depths}")
+    if width_multiplier <= 0 or group_width < 1:
+      raise ValueError("width_multiplier and group_width must be positive, "
+                       f"got {width_multiplier} and {group_width}")
+    widths = [int(w * width_multiplier) for w in base_widths]
+    for w in widths:
+      if int(w * 0.5) < group_width:
+        raise ValueError(
+            f"width_multiplier {width_multiplier} gives a stage of {w} "
+            f"channels whose bottleneck ({int(w * 0.5)}) is narrower than the "
+            f"group width {group_width}; raise the multiplier or lower "
+            "group_width")
+    if not 0 <= drop_path_rate < 1 or not 0 <= alpha:
+      raise ValueError(f"bad drop_path_rate {drop_path_rate} or alpha {alpha}")
+    self.num_classes = num_classes
+    self.dropout_rate = (row.dropout_rate if dropout_rate is None
+                         else dropout_rate)
+    self.activation = layers.scaled_activation(activation)
+    conv = lambda ch, k, **kw: layers.WSConv2D(  # pylint: disable=g-long-lambda
+        ch, k, standardize=standardize, **kw)
+    self.stem = [
+        conv(16, 3, stride=2, name="stem_conv0"),
+        conv(32, 3, name="stem_conv1"),
+        conv(64, 3, name="stem_conv2"),
+        conv(widths[0] // 2, 3, stride=2, name="stem_conv3"),
+    ]
+    self.blocks = []
+    self.block_stages = []
+    in_ch, expected_std, index, total = widths[0] // 2, 1.0, 0, sum(depths)
+    for stage, (width, depth, stride) in enumerate(zip(widths, depths,
+                                                       STRIDES)):
+      for j in range(depth):
+        self.blocks.append(NFBlock(
+            in_ch, width, stride=stride if j == 0 else 1,
+            beta=1.0 / expected_std, alpha=alpha, group_width=group_width,
+            activation=self.activation, se_ratio=se_ratio,
+            drop_rate=drop_path_rate * index / total,
+            standardize=standardize))
+        self.block_stages.append(stage)
+        # The first block's shortcut is a conv of the normalised input, so
+        # the variance restarts at 1 (ICML 2021, Sec. 3).
+        expected_std = ((1.0 if j == 0 else expected_std ** 2) +
+                        alpha ** 2) ** 0.5
+        in_ch, index = width, index + 1
+    self.final_conv = conv(2 * widths[-1], 1, name="final_conv")
+    self.classifier = hk.Linear(
+        num_classes, w_init=hk.initializers.RandomNormal(0.01),
+        name="linear")
+
+  def __call__(self, images: jax.Array, is_training: bool,
+               return_metrics: bool = False):
+    """Applies the network.
+
+    Args:
+      images: [N, H, W, 3], H and W at least 32 (the total stride).
+      is_training: enables stochastic depth and dropout (needs an rng).
+      return_metrics: also return the per-block signal metrics.
+
+    Returns:
+      logits [N, num_classes]; with `return_metrics`, also a dict of
+      per-block arrays `avg_sq_mean`, `avg_var` (block outputs),
+      `res_var` (residual branch ends) and `stage`.
+    """
+    check_image(images, TOTAL_STRIDE)
+    out = images
+    for i, conv in enumerate(self.stem):
+      out = conv(out)
+      if i < len(self.stem) - 1:
+        out = self.activation(out)
+    out, metrics = apply_blocks(self.blocks, self.block_stages, out,
+                                   is_training)
+    out = self.activation(self.final_conv(out))
+    logits = classify(out, self.classifier, self.dropout_rate, is_training)
+    if not return_metrics:
+      return logits
+    return logits, metrics
+
+
+def check_image(images: jax.Array, total_stride: int) -> None:
+  """Raises a clear ValueError for images a network cannot take."""
+  if images.ndim != 4:
+    raise ValueError(f"expected images [N, H, W, C], got shape {images.shape}")
+  if min(images.shape[1:3]) < total_stride:
+    raise ValueError(
+        f"image {images.shape[1]}x{images.shape[2]} is smaller than the "
+        f"network's total stride {total_stride}; use at least "
+        f"{total_stride}x{total_stride}")
+
+
+def classify(features: jax.Array, classifier: hk.Module, dropout_rate: float,
+             is_training: bool) -> jax.Array:
+  """Global average pool, dropout when training, then the classifier."""
+  pooled = jnp.mean(features, axis=(1, 2))
+  if is_training and dropout_rate > 0:
+    pooled = hk.dropout(hk.next_rng_key(), dropout_rate, pooled)
+  return classifier(pooled)
+
+
+def apply_blocks(blocks, stages, x: jax.Array, is_training: bool):
+  """Runs residual blocks, collecting the per-block signal metrics.
+
+  Args:
+    blocks: modules returning (output, residual-branch average variance).
+    stages: the stage index of each block.
+    x: the input to the first block.
+    is_training: passed to each block.
+
+  Returns:
+    The last block's output and a dict of per-block arrays: `avg_sq_mean` and
+    `avg_var` of each block's output, `res_var` of its residual branch's end
+    (before stochastic depth and skip_gain), and `stage`.
+  """
+  sq_means, variances, res_vars = [], [], []
+  for block in blocks:
+    x, res_var = block(x, is_training)
+    sq_mean, var = layers.signal_metrics(x)
+    sq_means.append(sq_mean)
+    variances.append(var)
+    res_vars.append(res_var)
+  return x, {
+      "avg_sq_mean": jnp.stack(sq_means),
+      "avg_var": jnp.stack(variances),
+      "res_var": jnp.stack(res_vars),
+      "stage": jnp.asarray(stages, jnp.int32),
+  }

@@ -1,0 +1,37 @@
+"""Installs the `nfnets` package: NF-ResNets, NFNets F0-F7 and AGC in JAX."""
+
+import setuptools
+
+setuptools.setup(
+    name="nfnets",
+    version="0.1.0",
+    description=("Normalizer-Free Networks (NF-ResNets, NFNet F0-F7) with "
+                 "Adaptive Gradient Clipping, in JAX and Haiku"),
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=setuptools.find_packages(include=["nfnets", "nfnets.*"]),
+    install_requires=[
+        "jax>=0.6",
+        "dm-haiku>=0.0.13",
+        "optax>=0.2.4",
+        "ml-collections>=0.1.1",
+        "absl-py>=1.0",
+        "orbax-checkpoint>=0.11",
+        "jmp>=0.0.4",
+        "numpy>=1.24",
+        "scikit-learn>=1.2",  # ships the bundled digits dataset
+        "pillow>=9.0",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "matplotlib>=3.5"],
+        "cuda": ["jax[cuda12]"],
+        "tpu": ["jax[tpu]"],
+        # ImageNet / TFDS input; importlib_resources is an undeclared need of
+        # tensorflow-datasets' imagenet2012 builder.
+        "imagenet": ["tensorflow-cpu", "tensorflow-datasets",
+                     "importlib_resources"],
+        "tensorboard": ["tensorboardX"],
+    },
+    license="Apache-2.0",
+)

@@ -1,0 +1,150 @@
+"""Tests of the NF building blocks against SPEC.md's formulas and figures."""
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nfnets import layers
+
+# SPEC.md's gamma table (ICLR 2021, App. D), checked independently of the
+# constants in nfnets.layers.
+SPEC_GAMMAS = {
+    "relu": 1.7139589, "gelu": 1.7015043, "silu": 1.7881293,
+    "elu": 1.2716005, "tanh": 1.5939118, "sigmoid": 4.8038354,
+    "softplus": 1.9203323, "leaky_relu": 1.7059034, "identity": 1.0,
+}
+
+
+@pytest.mark.parametrize("name", sorted(SPEC_GAMMAS))
+def test_gamma_matches_spec_and_quadrature(name):
+  # The table holds the released code's constants, which the model must use
+  # for released weights to evaluate as published.
+  assert layers.GAMMAS[name] == pytest.approx(SPEC_GAMMAS[name], abs=1e-6)
+  # Those constants are Monte-Carlo estimates: e.g. ReLU's 1.7139589 is not
+  # its closed form sqrt(2 / (1 - 1/pi)) = 1.7128586. Exact quadrature agrees
+  # with them to their sampling error (< 0.1%), not to 1e-4.
+  computed = layers.activation_gamma(layers.ACTIVATIONS[name])
+  assert computed == pytest.approx(SPEC_GAMMAS[name], rel=1e-3)
+
+
+def test_relu_gamma_closed_form():
+  assert layers.activation_gamma(jax.nn.relu) == pytest.approx(
+      np.sqrt(2 / (1 - 1 / np.pi)), abs=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(SPEC_GAMMAS))
+def test_scaled_activation_has_unit_variance(name):
+  z = jax.random.normal(jax.random.PRNGKey(0), (2_000_000,))
+  var = float(jnp.var(layers.scaled_activation(name)(z)))
+  # Monte-Carlo standard error of a variance estimate is ~sqrt(2/n) * kurtosis
+  # factor; 1% is many standard errors even for the sigmoid's.
+  assert var == pytest.approx(1.0, abs=0.01)
+
+
+def test_scaled_activation_of_a_custom_callable():
+  fn = layers.scaled_activation(lambda x: jnp.abs(x))
+  z = jax.random.normal(jax.random.PRNGKey(1), (1_000_000,))
+  assert float(jnp.var(fn(z))) == pytest.approx(1.0, abs=0.01)
+
+
+def test_unknown_activation_is_a_clear_error():
+  with pytest.raises(ValueError, match="unknown activation 'mish'.*relu"):
+    layers.scaled_activation("mish")
+
+
+def test_standardized_kernel_statistics():
+  w = jax.random.normal(jax.random.PRNGKey(0), (3, 3, 16, 32)) * 3.0 + 1.5
+  w_hat = np.asarray(layers.standardize_weight(w, jnp.ones(32)))
+  fan_in = 3 * 3 * 16
+  flat = w_hat.reshape(fan_in, 32)
+  np.testing.assert_allclose(flat.mean(0), 0.0, atol=1e-6)
+  np.testing.assert_allclose(flat.var(0), 1.0 / fan_in, rtol=1e-4)
+
+
+def test_standardization_is_invariant_to_shift_and_scale():
+  w = jax.random.normal(jax.random.PRNGKey(0), (3, 3, 8, 4))
+  gain = jnp.arange(1.0, 5.0)
+  a = layers.standardize_weight(w, gain)
+  b = layers.standardize_weight(w * 7.5 - 2.0, gain)
+  np.testing.assert_allclose(a, b, atol=1e-5)
+  # The gain scales each output channel.
+  np.testing.assert_allclose(a / gain, layers.standardize_weight(
+      w, jnp.ones(4)), atol=1e-6)
+
+
+def test_standardization_floor_on_constant_kernel():
+  w_hat = layers.standardize_weight(jnp.ones((1, 1, 4, 2)), jnp.ones(2))
+  assert np.all(np.isfinite(w_hat)) and np.allclose(w_hat, 0.0)
+
+
+def _conv_apply(x, **kwargs):
+  f = hk.transform(lambda x: layers.WSConv2D(**kwargs, name="conv")(x))
+  params = f.init(jax.random.PRNGKey(0), x)
+  return params, f
+
+
+def test_ws_conv_params_shapes_and_grouped_conv():
+  x = jnp.ones((2, 8, 8, 16))
+  params, f = _conv_apply(x, output_channels=32, kernel_shape=3,
+                          feature_group_count=4, stride=2)
+  assert {k: v.shape for k, v in params["conv"].items()} == {
+      "w": (3, 3, 4, 32), "gain": (32,), "bias": (32,)}
+  assert f.apply(params, None, x).shape == (2, 4, 4, 32)
+
+
+def test_ws_conv_matches_numpy_conv_of_standardized_kernel():
+  x = jax.random.normal(jax.random.PRNGKey(2), (1, 5, 5, 3))
+  params, f = _conv_apply(x, output_channels=4, kernel_shape=3)
+  out = np.asarray(f.apply(params, None, x))
+  w = np.asarray(params["conv"]["w"], np.float64)
+  w_hat = (w - w.mean((0, 1, 2))) / np.sqrt(27 * w.var((0, 1, 2)))
+  xp = np.pad(np.asarray(x, np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  ref = np.zeros((5, 5, 4))
+  for i in range(5):
+    for j in range(5):
+      ref[i, j] = np.einsum("hwc,hwco->o", xp[0, i:i + 3, j:j + 3], w_hat)
+  np.testing.assert_allclose(out[0], ref, atol=1e-4)
+
+
+def test_ws_conv_bfloat16_standardizes_in_float32():
+  x = jax.random.normal(jax.random.PRNGKey(3), (2, 8, 8, 8))
+  params, f = _conv_apply(x, output_channels=8, kernel_shape=3)
+  ref = f.apply(params, None, x)
+  bf16 = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+  out = f.apply(bf16, None, x.astype(jnp.bfloat16))
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=0.1,
+                             rtol=0.05)
+
+
+def test_ws_conv_bad_groups():
+  with pytest.raises(ValueError, match="groups"):
+    _conv_apply(jnp.ones((1, 4, 4, 6)), output_channels=8,
+                feature_group_count=4)
+
+
+def test_stochastic_depth_is_per_example_and_unbiased():
+  f = hk.transform(lambda x: layers.stochastic_depth(x, 0.25, True))
+  x = jnp.ones((4096, 2, 2, 3))
+  out = np.asarray(f.apply(None, jax.random.PRNGKey(0), x))
+  per_example = out.reshape(4096, -1)
+  # Each example is either all dropped or all kept and rescaled by 1/keep.
+  np.testing.assert_allclose(np.unique(per_example), [0.0, 1 / 0.75],
+                             rtol=1e-6)
+  assert np.all(per_example.min(1) == per_example.max(1))
+  assert per_example.mean() == pytest.approx(1.0, abs=0.05)
+  off = hk.transform(lambda x: layers.stochastic_depth(x, 0.25, False))
+  assert np.array_equal(off.apply(None, None, x), x)
+
+
+def test_squeeze_excite_gate():
+  f = hk.transform(lambda x: layers.SqueezeExcite(8, 4)(x))
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 5, 5, 8))
+  params = f.init(jax.random.PRNGKey(1), x)
+  gate = f.apply(params, None, x)
+  assert gate.shape == (3, 1, 1, 8)
+  assert np.all((gate > 0) & (gate < 1))
+  assert sorted(params) == ["squeeze_excite/~/linear",
+                            "squeeze_excite/~/linear_1"]
