@@ -1,0 +1,68 @@
+"""Trains and evaluates an experiment config.
+
+  python experiments/train.py --config=configs/<family>.py[:args] \
+      --workdir=DIR [--mode=train|eval|train_eval] [--config.x=...]
+
+With no flags at all it trains the bundled default (configs/digits.py) in a
+new temporary workdir and says where. Config overrides are locked: a key that
+does not exist is an error.
+"""
+
+import os
+import sys
+import tempfile
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+# Runnable from a clone without installing: the repo root on the path.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from nfnets import experiment  # pylint: disable=g-import-not-at-top,wrong-import-position
+from nfnets import trainer  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_DEFAULT_CONFIG = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+    "digits.py")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", _DEFAULT_CONFIG, "Experiment config file[:args].",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Checkpoints and metrics go here; default: a new "
+    "temporary directory.")
+_MODE = flags.DEFINE_enum("mode", "train", experiment.MODES,
+                          "train, eval or train_eval.")
+
+
+class _QuietLibraries:
+  """Drops INFO lines from orbax and tensorstore, which log every file write."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.INFO)
+  logging.get_absl_logger().addFilter(_QuietLibraries())
+  workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="nfnets-")
+  logging.info("workdir: %s", workdir)
+  try:
+    results = trainer.train_and_evaluate(_CONFIG.value, workdir, _MODE.value)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  if "eval_ema_top1" in results:
+    print(f"test accuracy: {results['eval_ema_top1']:.4f} (EMA weights), "
+          f"{results['eval_top1']:.4f} (raw weights) on "
+          f"{int(results['eval_examples'])} examples; workdir: {workdir}")
+  elif "preempted" in results:
+    print(f"preempted at step {results['preempted']}; checkpoint saved in "
+          f"{workdir}")
+
+
+if __name__ == "__main__":
+  app.run(main)

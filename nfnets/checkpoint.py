@@ -1,0 +1,110 @@
+"""A thin orbax wrapper: save, keep the last K, restore with fallback.
+
+Each checkpoint holds two items: `state` (the whole TrainState: params,
+optimizer state, EMA, step, RNG) and `data` (the input iterator's position,
+JSON). Restores are made against an abstract target from `jax.eval_shape`, so
+arrays come back with the mesh's sharding.
+"""
+
+import os
+from typing import Any, Optional
+
+from absl import logging
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+  """Periodic (asynchronous) checkpoints of one run in `directory`."""
+
+  def __init__(self, directory: str, max_to_keep: int,
+               async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True,
+            enable_async_checkpointing=async_save),
+        item_names=("state", "data"))
+
+  def save(self, step: int, state: Any, data_state: dict) -> None:
+    """Starts saving (asynchronously when enabled) the state at `step`."""
+    if step in self.manager.all_steps():
+      return
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(data_state)), force=True)
+
+  def restore_latest(self, abstract_state: Any) -> Optional[tuple[Any, dict]]:
+    """Restores the newest readable checkpoint, or None if there is none.
+
+    A checkpoint that fails to restore (truncated or corrupt files, a crash
+    while it was written) is skipped with a warning and the one before it is
+    tried, so one bad write never costs more than one save interval.
+
+    Args:
+      abstract_state: the TrainState's shapes, dtypes and shardings.
+
+    Returns:
+      (state, data_state) or None.
+    """
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=ocp.args.JsonRestore()))
+        return restored.state, dict(restored.data)
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning("checkpoint at step %d in %s is unreadable (%s: %s);"
+                        " trying the previous one", step, self.directory,
+                        type(e).__name__, str(e).splitlines()[0][:200])
+    return None
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def read_params(path: str) -> dict[str, Any]:
+  """Reads the `params` and `ema_params` of a project checkpoint.
+
+  Args:
+    path: a run's workdir, its `checkpoints` folder (the latest step is
+      used) or one step's folder.
+
+  Returns:
+    {'params': tree, 'ema_params': tree} of numpy arrays.
+
+  Raises:
+    ValueError: if no checkpoint is found at `path`.
+  """
+  path = os.path.abspath(path)
+  if not os.path.exists(path):
+    raise ValueError(f"init_from: {path} does not exist")
+  candidates = [path, os.path.join(path, "checkpoints")]
+  for folder in candidates:
+    if os.path.isdir(os.path.join(folder, "state")):
+      return _read_state_params(os.path.join(folder, "state"))
+    steps = [s for s in (os.listdir(folder) if os.path.isdir(folder) else [])
+             if s.isdigit() and os.path.isdir(os.path.join(folder, s, "state"))]
+    if steps:
+      latest = max(steps, key=int)
+      return _read_state_params(os.path.join(folder, latest, "state"))
+  raise ValueError(f"init_from: no checkpoint found in {path} (expected a "
+                   "workdir, its checkpoints/ folder or a step folder)")
+
+
+def _read_state_params(state_dir: str) -> dict[str, Any]:
+  with ocp.StandardCheckpointer() as ckptr:
+    tree = ckptr.restore(state_dir)
+  if isinstance(tree, dict) and "params" in tree:
+    params = tree["params"]
+    ema = tree.get("ema_params", params)
+  else:  # a NamedTuple-like restore
+    params, ema = tree[1], tree[4]
+  to_np = lambda t: jax.tree.map(np.asarray, t)
+  return {"params": to_np(params), "ema_params": to_np(ema)}

@@ -1,0 +1,197 @@
+"""The training state and the data-parallel train and eval steps.
+
+The steps are written per device, pmap-style: the batch is this device's
+slice, gradients and metrics are averaged with `lax.pmean` over the `'data'`
+axis. `jax.shard_map` maps them over a mesh of every device of every process
+with `check_vma=False` (pmap semantics: local gradients, then `pmean`); with
+the default `check_vma=True` the gradient of a replicated input would already
+be summed over devices and the `pmean` would scale the update by the device
+count. The loop that drives them is `nfnets.trainer.train_and_evaluate`.
+"""
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+import haiku as hk
+import jax
+from jax import lax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+import jmp
+import ml_collections
+import optax
+
+from nfnets import optim
+from nfnets import parallel
+
+
+class TrainState(NamedTuple):
+  """Everything a run needs to continue exactly; replicated on all devices.
+
+  `nonfinite_step` is -1 until a step produces a non-finite loss or gradient;
+  that step's update is dropped and every later step leaves the state as it
+  is, so the last good state can be saved without a per-step host sync.
+  """
+  step: jax.Array
+  params: hk.Params
+  model_state: hk.State
+  opt_state: optax.OptState
+  ema_params: hk.Params
+  rng: jax.Array
+  nonfinite_step: jax.Array
+
+
+def precision_policy(precision: str) -> jmp.Policy:
+  """float32 master weights; compute in `precision`; float32 outputs."""
+  return jmp.get_policy(f"params=float32,compute={precision},output=float32")
+
+
+def init_state(model: hk.TransformedWithState,
+               optimizer: optax.GradientTransformation, rng: jax.Array,
+               image_shape: tuple[int, ...]) -> TrainState:
+  """Fresh parameters, optimizer state and EMA (a pure, jittable function)."""
+  init_rng, state_rng = jax.random.split(rng)
+  images = jnp.zeros((1, *image_shape), jnp.float32)
+  params, model_state = model.init(init_rng, images, is_training=True)
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
+      opt_state=optimizer.init(params), ema_params=params, rng=state_rng,
+      nonfinite_step=jnp.full((), -1, jnp.int32))
+
+
+def ema_decay(config: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
+  """The EMA decay, optionally warmed up as min(decay, (1 + t) / (10 + t))."""
+  decay = jnp.asarray(config.ema.decay, jnp.float32)
+  if config.ema.warmup:
+    t = step.astype(jnp.float32)
+    decay = jnp.minimum(decay, (1.0 + t) / (10.0 + t))
+  return decay
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
+                  label_smoothing: float) -> jax.Array:
+  """Per-example softmax cross-entropy on int or soft labels, smoothed."""
+  if labels.ndim == 1:
+    labels = jax.nn.one_hot(labels, num_classes)
+  labels = optax.smooth_labels(labels.astype(jnp.float32), label_smoothing)
+  return optax.softmax_cross_entropy(logits.astype(jnp.float32), labels)
+
+
+def make_train_step(model: hk.TransformedWithState,
+                    optimizer: optax.GradientTransformation,
+                    schedule: optax.Schedule,
+                    config: ml_collections.ConfigDict,
+                    mesh: Mesh) -> Callable[[TrainState, Any], Any]:
+  """Returns the jitted, state-donating `train_step(state, batch)`.
+
+  Args:
+    model: the transformed model.
+    optimizer: from `optim.make_optimizer`.
+    schedule: the learning-rate schedule (for logging).
+    config: the experiment config.
+    mesh: the data mesh; `batch` is sharded over it, the state replicated.
+
+  Returns:
+    `train_step(state, batch) -> (state, metrics)`, metrics a dict of
+    replicated float32 scalars.
+  """
+  policy = precision_policy(config.precision)
+  num_classes = config.dataset.num_classes
+
+  def per_device_step(state: TrainState, batch):
+    # Per-step, per-device randomness (stochastic depth, dropout) that does
+    # not depend on how often the run was resumed.
+    rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
+                             lax.axis_index(parallel.AXIS))
+
+    def loss_fn(params):
+      logits, model_state = model.apply(
+          policy.cast_to_compute(params), state.model_state, rng,
+          policy.cast_to_compute(batch["images"]), is_training=True)
+      logits = policy.cast_to_output(logits)
+      loss = jnp.mean(cross_entropy(logits, batch["labels"], num_classes,
+                                    config.label_smoothing))
+      return loss, (logits, model_state)
+
+    (loss, (logits, model_state)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
+    grads = lax.pmean(grads, parallel.AXIS)
+    loss = lax.pmean(loss, parallel.AXIS)
+    model_state = jax.tree.map(
+        lambda new, old: lax.pmean(new.astype(old.dtype), parallel.AXIS),
+        model_state, state.model_state)
+    labels = batch["labels"]
+    if labels.ndim > 1:
+      labels = jnp.argmax(labels, -1)
+    accuracy = lax.pmean(jnp.mean(jnp.argmax(logits, -1) == labels),
+                         parallel.AXIS)
+
+    updates, opt_state = optimizer.update(grads, state.opt_state,
+                                          state.params)
+    params = optax.apply_updates(state.params, updates)
+    decay = ema_decay(config, state.step)
+    ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
+                              state.ema_params, params)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    ok = finite & (state.nonfinite_step < 0)
+    new_state = TrainState(
+        step=state.step + 1, params=params, model_state=model_state,
+        opt_state=opt_state, ema_params=ema_params, rng=state.rng,
+        nonfinite_step=state.nonfinite_step)
+    new_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state,
+                             state)
+    new_state = new_state._replace(nonfinite_step=jnp.where(
+        (state.nonfinite_step < 0) & ~finite, state.step,
+        state.nonfinite_step))
+    metrics = {
+        "loss": loss, "train_accuracy": accuracy, "grad_norm": grad_norm,
+        "agc_clipped_fraction": jnp.asarray(
+            optim.agc_clipped_fraction(opt_state), jnp.float32),
+        "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
+        "ema_decay": decay,
+    }
+    return new_state, metrics
+
+  mapped = jax.shard_map(per_device_step, mesh=mesh,
+                         in_specs=(P(), P(parallel.AXIS)),
+                         out_specs=(P(), P()), check_vma=False)
+  return jax.jit(mapped, donate_argnums=0)
+
+
+def make_eval_step(model: hk.TransformedWithState,
+                   config: ml_collections.ConfigDict,
+                   mesh: Mesh) -> Callable[[TrainState, Any], Any]:
+  """Returns the jitted `eval_step(state, batch) -> sums`.
+
+  The sums (over real examples only, `batch['mask'] == 1`, across all
+  devices) are `count`, and for both the raw and the EMA weights `top1`,
+  `top5` (correct predictions) and `loss` (unsmoothed cross-entropy).
+  """
+  policy = precision_policy(config.precision)
+  num_classes = config.dataset.num_classes
+  top_k = min(5, num_classes)
+
+  def per_device_step(state: TrainState, batch):
+    mask = batch["mask"]
+    labels = batch["labels"]
+    sums = {"count": jnp.sum(mask)}
+    for prefix, params in (("", state.params), ("ema_", state.ema_params)):
+      logits, _ = model.apply(
+          policy.cast_to_compute(params), state.model_state, None,
+          policy.cast_to_compute(batch["images"]), is_training=False)
+      logits = policy.cast_to_output(logits).astype(jnp.float32)
+      loss = cross_entropy(logits, labels, num_classes, 0.0)
+      top = lax.top_k(logits, top_k)[1]
+      sums[prefix + "top1"] = jnp.sum((top[:, 0] == labels) * mask)
+      sums[prefix + "top5"] = jnp.sum(
+          jnp.any(top == labels[:, None], axis=-1) * mask)
+      sums[prefix + "loss"] = jnp.sum(loss * mask)
+    return jax.tree.map(functools.partial(lax.psum, axis_name=parallel.AXIS),
+                        sums)
+
+  mapped = jax.shard_map(per_device_step, mesh=mesh,
+                         in_specs=(P(), P(parallel.AXIS)), out_specs=P(),
+                         check_vma=False)
+  return jax.jit(mapped)

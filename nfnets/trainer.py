@@ -1,0 +1,258 @@
+"""`train_and_evaluate(config, workdir, mode)`: the loop users run.
+
+Resume order: the workdir's newest readable checkpoint, then
+`config.init_from` (weights only), then a fresh init. Checkpoints are saved
+every `checkpoint.every_steps`, at the end and on SIGTERM (preemption); a
+non-finite loss stops the run after saving the last good state.
+"""
+
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+
+from nfnets import checkpoint
+from nfnets import data
+from nfnets import experiment
+from nfnets import models
+from nfnets import optim
+from nfnets import parallel
+from nfnets import train
+from nfnets.metric_writer import MetricWriter
+
+
+class NonFiniteLossError(ValueError):
+  """The loss or gradient became NaN or inf."""
+
+
+def prepare_workdir(workdir: str) -> str:
+  """Creates the workdir if needed; a clear error if it is not writable."""
+  workdir = os.path.abspath(workdir)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise ValueError(f"cannot create workdir {workdir}: {e.strerror}") from None
+  if not os.access(workdir, os.W_OK | os.X_OK):
+    raise ValueError(f"workdir {workdir} is not writable")
+  return workdir
+
+
+def _load_init_from(path: str, abstract: train.TrainState) -> tuple[Any, Any]:
+  """Reads weights from another run, checking them against this model."""
+  loaded = checkpoint.read_params(path)
+  for key in ("params", "ema_params"):
+    expected = getattr(abstract, key)
+    got = loaded[key]
+    for module in sorted(set(expected) | set(got)):
+      want = {k: tuple(v.shape) for k, v in expected.get(module, {}).items()}
+      have = {k: tuple(v.shape) for k, v in got.get(module, {}).items()}
+      if want != have:
+        raise ValueError(
+            f"init_from {path} does not fit the model: module {module!r} "
+            f"has {have or 'nothing'} in the file, the model needs "
+            f"{want or 'nothing'}")
+  return loaded["params"], loaded["ema_params"]
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks after each step."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: saving a checkpoint and stopping")
+    self.requested = True
+
+  def restore(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def evaluate(state: train.TrainState, eval_step, config, mesh) -> dict:
+  """Top-1, top-5 and loss of the raw and EMA weights on the eval split."""
+  start = time.time()
+  totals = None
+  for batch in data.eval_pass(config):
+    sums = eval_step(state, parallel.shard_batch(batch, mesh))
+    totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+  totals = jax.device_get(totals)
+  count = float(totals["count"])
+  results = {"eval_examples": count,
+             "eval_images_per_sec": count / (time.time() - start)}
+  for prefix in ("", "ema_"):
+    for name in ("top1", "top5", "loss"):
+      results[f"eval_{prefix}{name}"] = float(totals[prefix + name]) / count
+  return results
+
+
+def _log_eval(step: int, results: dict, writer: MetricWriter) -> None:
+  writer.write(step, results)
+  logging.info(
+      "eval at step %d on %d examples: top-1 %.4f (EMA %.4f), top-5 %.4f "
+      "(EMA %.4f), loss %.4f (EMA %.4f), %.0f img/s", step,
+      results["eval_examples"], results["eval_top1"], results["eval_ema_top1"],
+      results["eval_top5"], results["eval_ema_top5"], results["eval_loss"],
+      results["eval_ema_loss"], results["eval_images_per_sec"])
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       mode: str = "train") -> dict:
+  """Trains and/or evaluates as configured; returns the final metrics.
+
+  Args:
+    config: an experiment config (see `nfnets.experiment.base_config`).
+    workdir: where checkpoints, metrics.jsonl and TensorBoard files go.
+    mode: 'train', 'eval' (the workdir's latest checkpoint, or
+      `config.init_from`) or 'train_eval' (train with periodic evaluation).
+
+  Returns:
+    The last logged training metrics and the final evaluation results.
+  """
+  if mode not in experiment.MODES:
+    raise ValueError(f"unknown mode {mode!r}; valid: "
+                     f"{', '.join(experiment.MODES)}")
+  experiment.validate(config)
+  parallel.initialize_distributed(config.distributed)
+  mesh = parallel.make_mesh()
+  parallel.check_batch_size(config.batch_size, mesh, "batch_size")
+  parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+  if config.init_from and not os.path.exists(config.init_from):
+    raise ValueError(f"init_from: {config.init_from} does not exist")
+  workdir = prepare_workdir(workdir)
+
+  model = models.build_model(config.model.name,
+                             num_classes=config.dataset.num_classes,
+                             **config.model.kwargs)
+  train_iter = data.train_iterator(config)
+  steps_per_epoch = train_iter.steps_per_epoch
+  total_steps = config.num_steps or math.ceil(config.num_epochs *
+                                              steps_per_epoch)
+  schedule = optim.learning_rate_schedule(config, total_steps, steps_per_epoch)
+  optimizer = optim.make_optimizer(config, schedule)
+  image_shape = (config.dataset.image_size, config.dataset.image_size, 3)
+  replicated = parallel.replicated_sharding(mesh)
+  init_fn = jax.jit(
+      lambda rng: train.init_state(model, optimizer, rng, image_shape),
+      out_shardings=replicated)
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+      jax.eval_shape(init_fn, jax.random.PRNGKey(config.seed)))
+
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                 config.checkpoint.max_to_keep,
+                                 config.checkpoint.async_save)
+  restored = ckpt.restore_latest(abstract)
+  if restored is not None:
+    state, data_state = restored
+    train_iter.set_state(data_state)
+    logging.info("resumed from %s at step %d", ckpt.directory,
+                 int(state.step))
+  elif config.init_from:
+    params, ema_params = _load_init_from(config.init_from, abstract)
+    state = init_fn(jax.random.PRNGKey(config.seed))
+    state = state._replace(params=parallel.replicate(params, mesh),
+                           ema_params=parallel.replicate(ema_params, mesh))
+    state = state._replace(opt_state=jax.jit(optimizer.init)(state.params))
+    logging.info("initialised weights from %s", config.init_from)
+  elif mode == "eval":
+    raise ValueError(f"nothing to evaluate: no checkpoint in {workdir} and "
+                     "no config.init_from")
+  else:
+    state = init_fn(jax.random.PRNGKey(config.seed))
+
+  writer = MetricWriter(workdir)
+  eval_step = train.make_eval_step(model, config, mesh)
+  results: dict = {}
+  try:
+    if mode == "eval":
+      results = evaluate(state, eval_step, config, mesh)
+      _log_eval(int(state.step), results, writer)
+      return results
+    state, results = _train_loop(config, state, train_iter, total_steps,
+                                 train.make_train_step(model, optimizer,
+                                                       schedule, config, mesh),
+                                 ckpt, writer, mesh, eval_step, mode)
+    if "preempted" not in results:
+      eval_results = evaluate(state, eval_step, config, mesh)
+      _log_eval(int(state.step), eval_results, writer)
+      results.update(eval_results)
+    return results
+  finally:
+    ckpt.close()
+    writer.close()
+
+
+def _train_loop(config, state, train_iter, total_steps, train_step, ckpt,
+                writer, mesh, eval_step, mode):
+  """Runs steps to `total_steps`; returns the state and the last metrics."""
+  preemption = _Preemption()
+  step = int(state.step)
+  batch_size = config.batch_size
+  logging.info("training %s from step %d to %d (%d devices, batch %d)",
+               config.model.name, step, total_steps, mesh.size, batch_size)
+  pending, results = [], {}
+  first_step, last_step = step, step
+  last_time = run_start = time.time()
+
+  def check_finite():
+    bad = int(state.nonfinite_step)
+    if bad >= 0:
+      good = int(state.step)
+      ckpt.save(good, state, train_iter.get_state())
+      ckpt.wait()
+      raise NonFiniteLossError(
+          f"loss or gradient became NaN/inf at step {bad}; stopped, the last "
+          f"good state (step {good}) is saved in {ckpt.directory}; lower the "
+          "learning rate or check the data")
+
+  try:
+    while step < total_steps:
+      batch = parallel.shard_batch(next(train_iter), mesh)
+      state, metrics = train_step(state, batch)
+      step += 1
+      pending.append(metrics)
+      if step % config.log_every_steps == 0 or step == total_steps:
+        check_finite()
+        fetched = jax.device_get(pending)
+        pending = []
+        now = time.time()
+        results = {k: float(np.mean([m[k] for m in fetched]))
+                   for k in fetched[0]}
+        results["images_per_sec"] = (step - last_step) * batch_size / (
+            now - last_time)
+        writer.write(step, results)
+        eta = (total_steps - step) * (now - run_start) / (step - first_step)
+        logging.info("step %d/%d: loss %.4f, train acc %.3f, lr %.4g, "
+                     "%.0f img/s, ETA %.0fs", step, total_steps,
+                     results["loss"], results["train_accuracy"],
+                     results["learning_rate"], results["images_per_sec"],
+                     eta)
+        last_time, last_step = now, step
+      if step % config.checkpoint.every_steps == 0 or step == total_steps:
+        check_finite()
+        ckpt.save(step, state, train_iter.get_state())
+      if (mode == "train_eval" and config.eval_every_steps and
+          step % config.eval_every_steps == 0 and step < total_steps):
+        _log_eval(step, evaluate(state, eval_step, config, mesh), writer)
+      if preemption.requested:
+        check_finite()
+        ckpt.save(step, state, train_iter.get_state())
+        ckpt.wait()
+        logging.warning("preempted: checkpoint saved at step %d", step)
+        results["preempted"] = step
+        break
+  finally:
+    preemption.restore()
+  return state, results
