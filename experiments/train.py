@@ -47,7 +47,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
-  logging.get_absl_logger().addFilter(_QuietLibraries())
+  logging.get_absl_handler().python_handler.addFilter(_QuietLibraries())
   workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="nfnets-")
   logging.info("workdir: %s", workdir)
   try:

@@ -122,6 +122,15 @@ def standardize_weight(w: jax.Array, gain: jax.Array,
   return w * scale - mean * scale
 
 
+def fan_in_normal(shape: Sequence[int], dtype) -> jax.Array:
+  """N(0, 1 / fan_in) for an [..., in, out] kernel (plain, not truncated).
+
+  Plain normals also compile much faster on CPU than Haiku's truncated ones.
+  """
+  fan_in = int(np.prod(shape[:-1]))
+  return jax.random.normal(hk.next_rng_key(), shape, dtype) / np.sqrt(fan_in)
+
+
 class WSConv2D(hk.Module):
   """2D convolution with Scaled Weight Standardization, NHWC, HWIO kernels.
 
@@ -158,9 +167,7 @@ class WSConv2D(hk.Module):
           f"{self.module_name}: {in_ch} input and {self.output_channels} "
           f"output channels must both divide into {groups} groups")
     shape = (*self.kernel_shape, in_ch // groups, self.output_channels)
-    w = hk.get_parameter(
-        "w", shape, init=hk.initializers.VarianceScaling(1.0, "fan_in",
-                                                          "normal"))
+    w = hk.get_parameter("w", shape, init=fan_in_normal)
     gain = hk.get_parameter("gain", (self.output_channels,), init=jnp.ones)
     bias = hk.get_parameter("bias", (self.output_channels,), init=jnp.zeros)
     if self.standardize:

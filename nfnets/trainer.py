@@ -143,9 +143,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   optimizer = optim.make_optimizer(config, schedule)
   image_shape = (config.dataset.image_size, config.dataset.image_size, 3)
   replicated = parallel.replicated_sharding(mesh)
-  init_fn = jax.jit(
-      lambda rng: train.init_state(model, optimizer, rng, image_shape),
-      out_shardings=replicated)
+  init_fn = train.make_init(model, optimizer, image_shape, mesh)
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
       jax.eval_shape(init_fn, jax.random.PRNGKey(config.seed)))

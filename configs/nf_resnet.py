@@ -1,0 +1,29 @@
+"""NF-ResNets (ICLR 2021) on ImageNet: `depth=26|50|101|152|200|288`.
+
+  python experiments/train.py --config=configs/nf_resnet.py:depth=50 \
+      --workdir=/ckpt/nf_resnet50
+
+Trained with the NFNet recipe's optimizer (SGD + Nesterov, warmup + cosine,
+weight decay on weights only, AGC off by default as in the ICLR paper,
+label smoothing, EMA) at 224 px. `smoke=True` swaps in a tiny model on the
+bundled digits data.
+"""
+
+from nfnets import experiment
+
+
+def get_config(arg=None):
+  """Returns the config; `arg` takes `depth=N`, `agc=bool`, `smoke=bool`."""
+  options = experiment.parse_arg(arg, depth=50, agc=False, smoke=False)
+  c = experiment.base_config()
+  c.model.name = f"nf_resnet{options.depth}"
+  c.model.kwargs = dict(drop_path_rate=0.1, dropout_rate=0.25)
+  c.dataset.update(dict(name="imagenet2012", image_size=224,
+                        eval_image_size=224, num_classes=1000))
+  c.batch_size = 1024
+  c.num_epochs = 90.0
+  c.optimizer.update(dict(weight_decay=5e-5,
+                          agc_clipping=0.01 if options.agc else 0.0))
+  if options.smoke:
+    experiment.make_smoke_test(c)
+  return c

@@ -1,0 +1,31 @@
+"""NFNet F0-F7 (and F0+ to F7+) on ImageNet with the paper's recipe.
+
+  python experiments/train.py --config=configs/nfnet.py:variant=F1 \
+      --workdir=/ckpt/f1 --config.batch_size=1024
+
+Defaults follow SPEC.md / ICML 2021 App. C: batch 4096, lr 0.1 * batch / 256,
+5 warmup epochs then cosine decay over 360 epochs, SGD + Nesterov 0.9, weight
+decay 2e-5 on weights only, AGC 0.01 on all but the classifier, label
+smoothing 0.1, bfloat16 compute, EMA 0.99999, train/test resolution, dropout
+and stochastic depth 0.25 per variant. `smoke=True` swaps in a tiny model on
+the bundled digits data, to check a set-up end to end in a minute.
+"""
+
+from nfnets import experiment
+from nfnets.models import nfnet
+
+
+def get_config(arg=None):
+  """Returns the config; `arg` takes `variant=F0..F7[+]` and `smoke=bool`."""
+  options = experiment.parse_arg(arg, variant="F0", smoke=False)
+  row, _ = nfnet.parse_variant(options.variant)
+  c = experiment.base_config()
+  suffix = "plus" if options.variant.endswith("+") else ""
+  c.model.name = f"nfnet_{options.variant.lower().rstrip('+')}{suffix}"
+  c.model.kwargs = dict(drop_path_rate=0.25, dropout_rate=row.dropout_rate)
+  c.dataset.update(dict(name="imagenet2012", image_size=row.train_image_size,
+                        eval_image_size=row.test_image_size,
+                        num_classes=1000))
+  if options.smoke:
+    experiment.make_smoke_test(c)
+  return c

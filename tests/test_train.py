@@ -1,0 +1,231 @@
+"""Trainer tests: data parallelism, masks, EMA, checkpoints, bad input."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+import numpy as np
+import pytest
+
+from nfnets import checkpoint
+from nfnets import models
+from nfnets import optim
+from nfnets import parallel
+from nfnets import train
+from nfnets import trainer
+from nfnets.data import digits
+
+import configs.digits as digits_config  # pylint: disable=g-bad-import-order
+
+
+def tiny_config(**overrides):
+  """The digits config, shortened; overrides as dotted keys."""
+  c = digits_config.get_config()
+  c.optimizer.warmup_epochs = 0.0
+  c.model.kwargs = dict(c.model.kwargs, depths=(1, 1, 1, 1))
+  c.batch_size = 32
+  c.eval_batch_size = 40
+  c.num_steps = 6
+  c.checkpoint.every_steps = 3
+  c.checkpoint.async_save = False
+  c.log_every_steps = 3
+  for key, value in overrides.items():
+    node = c
+    *path, leaf = key.split(".")
+    for part in path:
+      node = node[part]
+    node[leaf] = value
+  return c
+
+
+def _setup(config, mesh):
+  model = models.build_model(config.model.name, num_classes=10,
+                             **config.model.kwargs)
+  schedule = optim.learning_rate_schedule(config, 100, 10)
+  optimizer = optim.make_optimizer(config, schedule)
+  state = train.make_init(model, optimizer, (32, 32, 3), mesh)(
+      jax.random.PRNGKey(0))
+  step = train.make_train_step(model, optimizer, schedule, config, mesh)
+  return state, step
+
+
+def _batch(n=32):
+  images, labels = digits.load_digits("train")
+  return {"images": images[:n], "labels": labels[:n]}
+
+
+@pytest.mark.parametrize("precision", ["float32"])
+def test_one_and_eight_devices_give_the_same_step(precision):
+  config = tiny_config(precision=precision)
+  results = []
+  for devices in (jax.devices()[:1], jax.devices()):
+    mesh = Mesh(np.asarray(devices), (parallel.AXIS,))
+    state, step = _setup(config, mesh)
+    for _ in range(2):
+      state, metrics = step(state, parallel.shard_batch(_batch(), mesh))
+    results.append((jax.device_get(state), jax.device_get(metrics)))
+  (one, m1), (eight, m8) = results
+  assert len(jax.devices()) == 8
+  for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(eight.params)):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+  for a, b in zip(jax.tree.leaves(one.ema_params),
+                  jax.tree.leaves(eight.ema_params)):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+  assert m1["loss"] == pytest.approx(m8["loss"], rel=1e-5)
+  # The update did something (not a vacuous equality).
+  fresh, _ = _setup(config, Mesh(np.asarray(jax.devices()[:1]), ("data",)))
+  moved = [np.abs(a - b).max() for a, b in zip(
+      jax.tree.leaves(fresh.params), jax.tree.leaves(one.params))]
+  assert max(moved) > 1e-3
+
+
+def test_masks_and_ema_act_on_the_right_leaves_of_nfnet_f0():
+  model = models.build_model("nfnet_f0")
+  params, _ = jax.eval_shape(
+      lambda x: model.init(jax.random.PRNGKey(0), x, is_training=True),
+      jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
+  wd = optim.weight_decay_mask(params)
+  assert wd["NFNet/~/nf_block_3/~/conv1"]["w"]
+  assert wd["NFNet/~/linear"]["w"]
+  assert wd["NFNet/~/nf_block/~/squeeze_excite/~/linear"]["w"]
+  assert not wd["NFNet/~/nf_block_3/~/conv1"]["gain"]
+  assert not wd["NFNet/~/nf_block_3/~/conv1"]["bias"]
+  assert not wd["NFNet/~/nf_block_3"]["skip_gain"]
+  assert not wd["NFNet/~/linear"]["b"]
+  from nfnets import agc  # pylint: disable=g-import-not-at-top
+  mask = agc.classifier_mask(params)
+  assert not mask["NFNet/~/linear"]["w"] and not mask["NFNet/~/linear"]["b"]
+  assert mask["NFNet/~/nf_block_2/~/squeeze_excite/~/linear"]["w"]
+  assert mask["NFNet/~/stem_conv0"]["gain"]
+  assert mask["NFNet/~/nf_block_2"]["skip_gain"]
+
+
+def test_ema_update_and_decay_follow_the_formula():
+  config = tiny_config()
+  config.ema.update(dict(decay=0.9, warmup=False))
+  mesh = Mesh(np.asarray(jax.devices()), (parallel.AXIS,))
+  state, step = _setup(config, mesh)
+  before = jax.device_get(state)
+  after, metrics = step(state, parallel.shard_batch(_batch(), mesh))
+  after = jax.device_get(after)
+  assert metrics["ema_decay"] == pytest.approx(0.9)
+  for name in ("NFNet/~/nf_block_1/~/conv1", "NFNet/~/linear"):
+    for leaf, ema in after.ema_params[name].items():
+      expected = 0.9 * before.ema_params[name][leaf] + 0.1 * after.params[
+          name][leaf]
+      np.testing.assert_allclose(ema, expected, rtol=1e-6, atol=1e-7)
+  # Warmup: min(decay, (1 + t) / (10 + t)).
+  config.ema.warmup = True
+  assert float(train.ema_decay(config, jnp.asarray(0))) == pytest.approx(0.1)
+  assert float(train.ema_decay(config, jnp.asarray(10**6))) == pytest.approx(0.9)
+
+
+def test_weight_decay_skips_gains_and_biases():
+  config = tiny_config()
+  config.optimizer.update(dict(weight_decay=0.5, agc_clipping=0.0, momentum=0.0))
+  optimizer = optim.make_optimizer(config, lambda _: 1.0)
+  params = {"m/~/conv": {"w": jnp.ones((1, 1, 2, 2)), "gain": jnp.ones(2),
+                         "bias": jnp.ones(2)}, "m": {"skip_gain": jnp.ones(())}}
+  grads = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = optimizer.update(grads, optimizer.init(params), params)
+  np.testing.assert_allclose(updates["m/~/conv"]["w"], -0.5)
+  for leaf in (updates["m/~/conv"]["gain"], updates["m/~/conv"]["bias"],
+               updates["m"]["skip_gain"]):
+    np.testing.assert_array_equal(leaf, 0.0)
+
+
+def test_train_eval_end_to_end_writes_metrics_and_checkpoints(tmp_path):
+  config = tiny_config()
+  results = trainer.train_and_evaluate(config, str(tmp_path), "train_eval")
+  assert 0.0 <= results["eval_ema_top1"] <= 1.0
+  assert results["eval_examples"] == 359
+  assert sorted(os.listdir(tmp_path / "checkpoints"))[:2] == ["3", "6"]
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  assert any('"agc_clipped_fraction"' in line for line in lines)
+  assert any('"eval_ema_top5"' in line for line in lines)
+  # Resuming a finished run trains no further and evaluates the same state.
+  again = trainer.train_and_evaluate(config, str(tmp_path), "eval")
+  assert again["eval_ema_top1"] == results["eval_ema_top1"]
+
+
+def test_truncated_latest_checkpoint_falls_back_to_previous(tmp_path,
+                                                            caplog):
+  config = tiny_config()
+  trainer.train_and_evaluate(config, str(tmp_path), "train")
+  # Truncate every data file of the newest checkpoint.
+  latest = tmp_path / "checkpoints" / "6" / "state"
+  truncated = 0
+  for root, _, files in os.walk(latest):
+    for f in files:
+      path = os.path.join(root, f)
+      if os.path.getsize(path) > 16:
+        with open(path, "r+b") as fh:
+          fh.truncate(os.path.getsize(path) // 2)
+        truncated += 1
+  assert truncated
+  mesh = Mesh(np.asarray(jax.devices()), (parallel.AXIS,))
+  state, _ = _setup(config, mesh)
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                     sharding=parallel.replicated_sharding(
+                                         mesh)), state)
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), 3, False)
+  with caplog.at_level("WARNING"):
+    restored, data_state = ckpt.restore_latest(abstract)
+  ckpt.close()
+  assert int(restored.step) == 3
+  assert data_state == {"epoch": 0, "batch": 3}
+  assert "step 6" in caplog.text and "unreadable" in caplog.text
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"batch_size": 36}, "not divisible by the 8 devices"),
+    ({"model.name": "nfnet_f9"}, "unknown model 'nfnet_f9'"),
+    ({"optimizer.name": "adagrad"}, "unknown optimizer"),
+    ({"precision": "float16"}, "unknown precision"),
+    ({"dataset.name": "mnist"}, "unknown dataset"),
+    ({"init_from": "/nonexistent/ckpt"}, "does not exist"),
+    ({"dataset.image_size": 16}, "smaller than the network's total stride"),
+])
+def test_bad_config_is_a_clear_error_and_writes_nothing(tmp_path, overrides,
+                                                        message):
+  workdir = tmp_path / "run"
+  with pytest.raises(ValueError, match=message):
+    trainer.train_and_evaluate(tiny_config(**overrides), str(workdir))
+  assert not workdir.exists()
+
+
+def test_unwritable_workdir_is_a_clear_error(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("not a directory")
+  with pytest.raises(ValueError, match="cannot create workdir"):
+    trainer.train_and_evaluate(tiny_config(), str(blocker / "run"))
+
+
+def test_init_from_wrong_model_names_the_module(tmp_path):
+  trainer.train_and_evaluate(tiny_config(), str(tmp_path / "a"))
+  wider = tiny_config(init_from=str(tmp_path / "a"))
+  wider.model.kwargs = dict(wider.model.kwargs, width_multiplier=0.25)
+  with pytest.raises(ValueError, match="does not fit the model: module"):
+    trainer.train_and_evaluate(wider, str(tmp_path / "b"))
+  assert not (tmp_path / "b" / "checkpoints").exists() or not os.listdir(
+      tmp_path / "b" / "checkpoints")
+  # The same model initialises from it and starts at step 0 with its weights.
+  same = tiny_config(init_from=str(tmp_path / "a"), num_steps=3)
+  results = trainer.train_and_evaluate(same, str(tmp_path / "c"), "eval")
+  first = trainer.train_and_evaluate(tiny_config(), str(tmp_path / "a"),
+                                     "eval")
+  assert results["eval_top1"] == first["eval_top1"]
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_state(
+    tmp_path):
+  config = tiny_config(num_steps=12)
+  config.optimizer.update(dict(base_lr=1e30, agc_clipping=0.0))
+  with pytest.raises(trainer.NonFiniteLossError,
+                     match=r"NaN/inf at step \d+.*last good state"):
+    trainer.train_and_evaluate(config, str(tmp_path))
+  loaded = checkpoint.read_params(str(tmp_path))
+  for leaf in jax.tree.leaves(loaded["params"]):
+    assert np.all(np.isfinite(leaf))
