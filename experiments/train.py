@@ -26,14 +26,50 @@ from nfnets import trainer  # pylint: disable=g-import-not-at-top,wrong-import-p
 _DEFAULT_CONFIG = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
     "digits.py")
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", _DEFAULT_CONFIG, "Experiment config file[:args].",
-    lock_config=True)
+_CONFIG = None  # defined in __main__, where bad overrides can be reported
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Checkpoints and metrics go here; default: a new "
     "temporary directory.")
 _MODE = flags.DEFINE_enum("mode", "train", experiment.MODES,
                           "train, eval or train_eval.")
+
+
+def _one_line(error: BaseException) -> str:
+  text = str(error).replace("\\n", " ").replace("\\'", "'")
+  text = " ".join(text.split()).strip("'\"")
+  if "Traceback (most recent call last)" in text:
+    # A config file's own exception, wrapped with its traceback: keep the
+    # exception line.
+    text = text[text.rfind(" ", 0, text.rfind("Error: ")) + 1:]
+  return text
+
+
+def _command_line_error(error: BaseException):
+  """Prints a bad flag or config as one line and exits with status 2."""
+  message = _one_line(error)
+  cause = error.__cause__ or error.__context__
+  if cause is not None and "earlier failure" in message:
+    message = _one_line(cause)
+  print(f"error: bad command line: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _parse_flags(argv):
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    _command_line_error(e)
+
+
+def _define_config_flag():
+  """Defines --config; config_flags reads --config.x overrides right here."""
+  global _CONFIG
+  try:
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", _DEFAULT_CONFIG, "Experiment config file[:args].",
+        lock_config=True)
+  except Exception as e:  # pylint: disable=broad-except
+    _command_line_error(e)
 
 
 class _QuietLibraries:
@@ -48,10 +84,15 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().python_handler.addFilter(_QuietLibraries())
+  try:
+    config = _CONFIG.value
+    config.lock()  # a config file that failed to load raises here
+  except Exception as e:  # pylint: disable=broad-except
+    _command_line_error(e)
   workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="nfnets-")
   logging.info("workdir: %s", workdir)
   try:
-    results = trainer.train_and_evaluate(_CONFIG.value, workdir, _MODE.value)
+    results = trainer.train_and_evaluate(config, workdir, _MODE.value)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
@@ -65,4 +106,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _define_config_flag()
+  app.run(main, flags_parser=_parse_flags)
