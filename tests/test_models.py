@@ -1,5 +1,8 @@
-"""Tests of the model zoo against SPEC.md: sizes, checkpoint layout, signal
-propagation, mixed precision, training-mode randomness, errors, registry.
+"""Tests of the model zoo against SPEC.md.
+
+Sizes and GMACs, the released checkpoints' parameter layout, signal
+propagation at init, bfloat16 against float32, training-mode randomness and
+state, errors on bad input, and the registry.
 
 Full-size models are only traced abstractly (`jax.eval_shape`,
 `summary.summarize`); anything that runs uses small widths and is jitted.
@@ -16,7 +19,6 @@ import re
 
 import haiku as hk
 import jax
-from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -252,11 +254,12 @@ def test_nfnet_signal_propagation(nfnet_small):
   # The NFNet's strided shortcut is a 2x2 average pool, then a 1x1 conv, of
   # the normalised input. On a spatially white Gaussian input the pool
   # averages 4 independent values and divides the variance by ~4 at every
-  # transition (block outputs ~ [1.0 1.04 | 0.28 0.29 | 0.065 | 0.012]): the
+  # transition (block outputs ~ [1.00 1.04 | 0.28 0.29 | 0.065 | 0.013]): the
   # restart at 1 that SPEC.md describes needs spatially correlated inputs
   # such as natural images. So this asserts what holds here: stage 0 (no
-  # pool) grows as 1 + j * alpha^2, every transition resets the variance
-  # downwards, and inside each stage the growth is exactly the residual
+  # pool) grows as 1 + j * alpha^2, every transition cuts the variance by
+  # about 4 (observed 0.20-0.27; a strided slice instead of the pool would
+  # keep ~1), and inside each stage the growth is exactly the residual
   # branch's alpha^2 * res_var.
   params, state = nfnet_small
   ws = _signal_metrics("nfnet_f0", params, state, **NFNET_SMALL)
@@ -267,7 +270,7 @@ def test_nfnet_signal_propagation(nfnet_small):
   np.testing.assert_allclose(ws["avg_var"][slices[0]],
                              [1 + ALPHA**2, 1 + 2 * ALPHA**2], rtol=0.15)
   for prev, cur in zip(slices, slices[1:]):
-    assert ws["avg_var"][cur[0]] < ws["avg_var"][prev[-1]]
+    assert 0.1 < ws["avg_var"][cur[0]] / ws["avg_var"][prev[-1]] < 0.4
   _check_residual_accounting(ws)
   # The accounting is resolved (not just within atol) in the first stages.
   assert ALPHA**2 * ws["res_var"][slices[1][1]] > 10 * 2e-4
@@ -305,9 +308,9 @@ def _rel_err(a, b):
 # NF-ResNet's conv-weight gradients are ill-conditioned: its max pool's
 # argmax and ReLU gates flip under bf16 rounding, and the WS backward removes
 # each gradient's component along W (it goes to `gain`), a cancellation that
-# amplifies the remainder's error. Measured at this point: 6.5% whole-vector
-# error (2% for the NFNet); merely rounding the f32 inputs to bf16 moves its
-# f32 gradient by 6%.
+# amplifies the remainder's error. Measured here: 6.5% whole-vector error
+# (2.3% for the NFNet); merely rounding its f32 parameters and images to
+# bf16 already moves its f32 gradient by 6%.
 @pytest.mark.parametrize("name,overrides,fixture,grad_rtol", [
     ("nfnet_f0", NFNET_SMALL, "nfnet_small", 5e-2),
     ("nf_resnet26", NF_RESNET_SMALL, "nf_resnet_small", 0.1),
@@ -396,7 +399,7 @@ def test_nf_models_have_empty_state(nfnet_small, nf_resnet_small):
 def test_resnet_batch_norm_state_updates_only_in_training():
   model = models.build_model("resnet26", width_multiplier=1 / 16)
   params, state = _init("resnet26", width_multiplier=1 / 16)
-  assert state and all("batch_norm" in m or "bn" in m for m in state)
+  assert state and all(m.endswith(("/mean_ema", "/var_ema")) for m in state)
 
   @_jit
   def new_states(p, s, x):
@@ -425,7 +428,8 @@ def test_resnet_batch_norm_state_updates_only_in_training():
      "narrower than the group width 128"),
     ("nfnet_f0", dict(variant="F9"), 64, "unknown NFNet variant 'F9'"),
     ("nfnet_f0", dict(depths=(1, 2)), 64, "depths must be 4"),
-    ("nfnet_f0", dict(colour="red"), 64, "bad option for model 'nfnet_f0'"),
+    ("nfnet_f0", dict(colour="red"), 64,
+     "unknown option 'colour' for model 'nfnet_f0'"),
 ])
 def test_bad_model_options_raise_clear_errors(name, overrides, image_size,
                                               match):
@@ -516,19 +520,11 @@ def test_image_sizes_of_unknown_model():
     models.image_sizes("resnet34")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "image_sizes only parses the variant of names starting with 'nfnet_f' "
-    "and never checks the registry, so an unregistered name such as "
-    "'nfnet_f0_typo' returns F0's sizes instead of raising"))
 def test_image_sizes_rejects_unregistered_nfnet_names():
   with pytest.raises(ValueError, match="unknown model"):
     models.image_sizes("nfnet_f0_typo")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "image_sizes('nfnet_f9') (and so summarize and scripts/summary.py "
-    "--model=nfnet_f9) reports \"unknown NFNet variant 'f9'; valid: F0, ...\""
-    ", naming variants rather than the model names the user can pass"))
 def test_unknown_nfnet_name_in_summary_says_unknown_model():
   with pytest.raises(ValueError, match="unknown model 'nfnet_f9'"):
     summary.summarize("nfnet_f9")

@@ -12,6 +12,7 @@ signal-propagation control), e.g. `nf_resnet50_nows`.
 """
 
 import functools
+import inspect
 from typing import Callable
 
 import haiku as hk
@@ -49,10 +50,13 @@ def get_constructor(name: str) -> Callable[..., hk.Module]:
 
 def create_model(name: str, **overrides) -> hk.Module:
   """Creates the named Haiku module (inside a transform) with overrides."""
-  try:
-    return get_constructor(name)(**overrides)
-  except TypeError as e:
-    raise ValueError(f"bad option for model {name!r}: {e}") from None
+  constructor = get_constructor(name)
+  valid = inspect.signature(constructor).parameters
+  for key in overrides:
+    if key not in valid or key == "name":
+      raise ValueError(f"unknown option {key!r} for model {name!r}; valid: "
+                       f"{', '.join(k for k in valid if k != 'name')}")
+  return constructor(**overrides)
 
 
 def build_model(name: str, **overrides) -> hk.TransformedWithState:
@@ -68,9 +72,9 @@ def build_model(name: str, **overrides) -> hk.TransformedWithState:
 
 def image_sizes(name: str) -> tuple[int, int]:
   """(train, test) resolution of a model: the NFNet table, else 224/224."""
+  get_constructor(name)
   if name.startswith("nfnet_f"):
     variant = name[len("nfnet_"):].split("_")[0].replace("plus", "+")
     row, _ = parse_variant(variant)
     return row.train_image_size, row.test_image_size
-  get_constructor(name)
   return 224, 224

@@ -44,7 +44,7 @@ TOTAL_STRIDE = 32  # stem 4 x three strided stages
 
 def parse_variant(variant: str) -> tuple[Variant, tuple[int, ...]]:
   """Maps 'F0' ... 'F7' and 'F0+' ... 'F7+' to (table row, stage widths)."""
-  base = variant.upper().rstrip("+")
+  base = variant.upper().removesuffix("+")
   if base not in VARIANTS:
     valid = [f"F{k}" for k in range(8)] + [f"F{k}+" for k in range(8)]
     raise ValueError(f"unknown NFNet variant {variant!r}; valid: "

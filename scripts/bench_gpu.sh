@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The GPU benchmark matrix behind BENCHMARKS.md, as one script for a machine
+# with no registry access: it installs the few missing pure-Python packages
+# from wheels in .whl/ (copied from ../shared/wheels), prints the machine, then
+# one JSON line per configuration (also appended to $OUT/bench.jsonl if set).
+#
+#   bash scripts/bench_gpu.sh            # on the GPU machine, from the repo root
+set -u
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import jax, optax, haiku; print('jax', jax.__version__, 'optax', optax.__version__, 'haiku', haiku.__version__, jax.devices())"
+log=${OUT:-/tmp}/bench.jsonl
+bench() { python3 scripts/benchmark.py --json "$@" 2>/tmp/err.txt | tee -a "$log" || tail -3 /tmp/err.txt; }
+bench --model=nfnet_f0 --batch_size=256 --image_size=192 --steps=30
+bench --model=nfnet_f0 --batch_size=256 --image_size=256 --steps=20 --mode=eval
+bench --model=nfnet_f0 --batch_size=512 --image_size=192 --steps=15

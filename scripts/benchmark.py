@@ -1,0 +1,186 @@
+"""Times the trainer's real train (or eval) step on synthetic on-device data.
+
+  python scripts/benchmark.py --model=nfnet_f0 --batch_size=256 \
+      --image_size=192 --steps=50 [--mode=train|eval] [--json]
+
+The step is the one `experiments/train.py` runs (`nfnets.train`), built from
+the model family's config (the NFNet recipe: bfloat16 compute, float32 master
+weights, AGC, SGD + Nesterov, weight decay, EMA, stochastic depth, label
+smoothing). Prints compile time, median step time, images/s, achieved TFLOP/s
+and MFU (model FLOPs from the analytic MAC count: 2 FLOPs per MAC, x3 for a
+training step), and peak device memory. `--smoke` shrinks the model (1/8
+widths, one block per stage) so that it runs on a CPU in seconds.
+"""
+
+import json
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs import nf_resnet as nf_resnet_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import nfnet as nfnet_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import resnet as resnet_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+from nfnets import experiment  # pylint: disable=g-import-not-at-top,wrong-import-position
+from nfnets import models  # pylint: disable=g-import-not-at-top,wrong-import-position
+from nfnets import optim  # pylint: disable=g-import-not-at-top,wrong-import-position
+from nfnets import parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
+from nfnets import train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from nfnets.models import summary  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_MODEL = flags.DEFINE_string("model", "nfnet_f0", "Registered model name.")
+_BATCH = flags.DEFINE_integer("batch_size", 256, "Global batch size.")
+_IMAGE = flags.DEFINE_integer("image_size", 192, "Square input resolution.")
+_STEPS = flags.DEFINE_integer("steps", 50, "Timed steps (after warm-up).")
+_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compiling.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "Which step.")
+_PRECISION = flags.DEFINE_enum("precision", "bfloat16",
+                               ["bfloat16", "float32"], "Compute dtype.")
+_SMOKE = flags.DEFINE_bool("smoke", False, "Tiny widths and depths.")
+_JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
+
+# Dense bfloat16 peak FLOP/s by device kind (vendor figures).
+PEAK_FLOPS = {
+    "H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12,
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
+    "TPU v5p": 459e12, "TPU v6 lite": 918e12,
+}
+
+
+def config_for(model_name: str):
+  """The model family's experiment config, pointed at `model_name`."""
+  if model_name.startswith("nfnet_f"):
+    variant = model_name[len("nfnet_"):].split("_")[0].upper()
+    config = nfnet_config.get_config(
+        f"variant={variant.replace('PLUS', '+')}")
+  elif model_name.startswith("nf_resnet"):
+    config = nf_resnet_config.get_config()
+  elif model_name.startswith("resnet"):
+    config = resnet_config.get_config()
+  else:
+    raise ValueError(f"no config family for {model_name!r}")
+  config.model.name = model_name
+  return config
+
+
+def measured_peak_flops(dtype) -> float:
+  """FLOP/s of a large square matmul: the peak where no table entry fits."""
+  n = 4096 if jax.default_backend() != "cpu" else 1024
+  a = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  start = time.perf_counter()
+  for _ in range(5):
+    out = f(a)
+  out.block_until_ready()
+  return 5 * 2 * n ** 3 / (time.perf_counter() - start)
+
+
+def peak_flops(dtype) -> tuple[float, str]:
+  kind = jax.devices()[0].device_kind
+  for name, flops in PEAK_FLOPS.items():
+    if name.lower() in kind.lower():
+      return flops * jax.device_count(), f"table ({name})"
+  return measured_peak_flops(dtype) * jax.device_count(), "measured matmul"
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    config = config_for(_MODEL.value)
+  except ValueError as e:
+    raise SystemExit(f"error: {e}") from None
+  config.batch_size = config.eval_batch_size = _BATCH.value
+  config.dataset.update(dict(name="digits", image_size=_IMAGE.value,
+                             eval_image_size=_IMAGE.value))
+  config.precision = _PRECISION.value
+  if _SMOKE.value:
+    kwargs = dict(config.model.kwargs, width_multiplier=0.125,
+                  depths=(1, 1, 1, 1))
+    if _MODEL.value.startswith("nfnet"):
+      kwargs["group_width"] = 16
+    config.model.kwargs = kwargs
+  try:
+    experiment.validate(config)
+    mesh = parallel.make_mesh()
+    parallel.check_batch_size(_BATCH.value, mesh, "batch_size")
+  except ValueError as e:
+    raise SystemExit(f"error: {e}") from None
+
+  num_classes = config.dataset.num_classes
+  model = models.build_model(config.model.name, num_classes=num_classes,
+                             **config.model.kwargs)
+  schedule = optim.learning_rate_schedule(config, 10_000, 100)
+  optimizer = optim.make_optimizer(config, schedule)
+  shape = (_IMAGE.value, _IMAGE.value, 3)
+  state = train.make_init(model, optimizer, shape, mesh)(
+      jax.random.PRNGKey(0))
+  rng = np.random.default_rng(0)
+  batch = {"images": rng.standard_normal((_BATCH.value, *shape), np.float32),
+           "labels": rng.integers(0, num_classes, _BATCH.value, np.int32),
+           "mask": np.ones((_BATCH.value,), np.float32)}
+  if _MODE.value == "train":
+    del batch["mask"]
+    step = train.make_train_step(model, optimizer, schedule, config, mesh)
+  else:
+    step = train.make_eval_step(model, config, mesh)
+  batch = parallel.shard_batch(batch, mesh)
+
+  start = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
+
+  def run(state):
+    out = compiled(state, batch)
+    if _MODE.value == "train":
+      state, metrics = out
+    else:
+      metrics = out
+    jax.block_until_ready(metrics)
+    return state
+
+  for _ in range(_WARMUP.value):
+    state = run(state)
+  times = []
+  for _ in range(_STEPS.value):
+    start = time.perf_counter()
+    state = run(state)
+    times.append(time.perf_counter() - start)
+
+  step_s = float(np.median(times))
+  macs = summary.summarize(config.model.name, _IMAGE.value,
+                           num_classes=num_classes,
+                           **config.model.kwargs)["gmacs"] * 1e9
+  flops = 2 * macs * _BATCH.value * (3 if _MODE.value == "train" else 1)
+  peak, peak_source = peak_flops(jnp.bfloat16 if _PRECISION.value ==
+                                 "bfloat16" else jnp.float32)
+  stats = jax.devices()[0].memory_stats() or {}
+  result = {
+      "model": config.model.name, "mode": _MODE.value,
+      "image_size": _IMAGE.value, "batch_size": _BATCH.value,
+      "precision": _PRECISION.value,
+      "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+      "compile_s": round(compile_s, 2), "step_ms": round(step_s * 1e3, 3),
+      "images_per_sec": round(_BATCH.value / step_s, 1),
+      "tflops": round(flops / step_s / 1e12, 2),
+      "mfu": round(flops / step_s / peak, 4), "peak_source": peak_source,
+      "peak_memory_gib": round(stats.get("peak_bytes_in_use", 0) / 2**30, 2),
+      "jax": jax.__version__,
+  }
+  if _JSON.value:
+    print(json.dumps(result))
+  else:
+    for key, value in result.items():
+      print(f"{key:>16}: {value}")
+
+
+if __name__ == "__main__":
+  app.run(main)

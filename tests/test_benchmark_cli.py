@@ -1,0 +1,38 @@
+"""scripts/benchmark.py on CPU at tiny sizes: it runs and reports sanely."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _benchmark(*flags):
+  return subprocess.run(
+      [sys.executable, os.path.join(ROOT, "scripts", "benchmark.py"), *flags],
+      cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+
+
+def test_train_step_benchmark_json():
+  result = _benchmark("--model=nfnet_f0", "--smoke", "--precision=float32",
+                      "--batch_size=16", "--image_size=32", "--steps=3",
+                      "--warmup=1", "--json")
+  assert result.returncode == 0, result.stderr[-2000:]
+  info = json.loads(result.stdout.strip().splitlines()[-1])
+  assert info["model"] == "nfnet_f0" and info["mode"] == "train"
+  assert info["batch_size"] == 16 and info["image_size"] == 32
+  assert info["device"] == "8 x cpu"
+  assert info["step_ms"] > 0 and info["compile_s"] > 0
+  assert abs(info["images_per_sec"] * info["step_ms"] / 1e3 - 16) < 0.1
+  assert 0 < info["mfu"] < 1
+
+
+def test_bad_benchmark_arguments_are_one_line_errors():
+  result = _benchmark("--model=nfnet_f0", "--smoke", "--batch_size=12",
+                      "--image_size=32", "--steps=1")
+  assert result.returncode != 0
+  assert "not divisible by the 8 devices" in result.stderr
+  assert "Traceback" not in result.stderr
+  result = _benchmark("--model=vgg16")
+  assert result.returncode != 0 and "no config family" in result.stderr

@@ -1,0 +1,45 @@
+"""Tests of scripts/summary.py, run as a user runs it (SPEC.md's table)."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "summary.py"
+
+
+def _run(*flags):
+  """Runs the script on the CPU and returns the CompletedProcess."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, str(SCRIPT), *flags],
+                        capture_output=True, text=True, env=env, timeout=300,
+                        check=False)
+
+
+@pytest.mark.parametrize("flags,gmacs,image_size", [
+    ((), 12.38, 256),  # default: F0's test resolution
+    (("--image_size=192",), 6.98, 192),  # F0's train resolution
+])
+def test_json_summary_of_nfnet_f0(flags, gmacs, image_size):
+  result = _run("--model=nfnet_f0", "--json", *flags)
+  assert result.returncode == 0, result.stderr
+  info = json.loads(result.stdout)
+  assert set(info) == {"model", "params", "gmacs", "image_size"}
+  assert info["model"] == "nfnet_f0"
+  assert info["params"] == 71_489_284
+  assert info["gmacs"] == pytest.approx(gmacs, rel=0.01)
+  assert info["image_size"] == image_size
+
+
+def test_unknown_model_is_a_one_line_error():
+  result = _run("--model=resnet34", "--json")
+  assert result.returncode != 0
+  assert result.stdout == ""
+  assert "Traceback" not in result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1, result.stderr
+  assert lines[0].startswith("error: unknown model 'resnet34'; valid: ")
+  assert "nfnet_f0" in lines[0] and "resnet50" in lines[0]
