@@ -22,6 +22,7 @@ setuptools.setup(
         "numpy>=1.24",
         "scikit-learn>=1.2",  # ships the bundled digits dataset
         "pillow>=9.0",
+        "tensorboardX>=2.5",
     ],
     extras_require={
         "test": ["pytest>=7", "matplotlib>=3.5"],
@@ -31,7 +32,6 @@ setuptools.setup(
         # tensorflow-datasets' imagenet2012 builder.
         "imagenet": ["tensorflow-cpu", "tensorflow-datasets",
                      "importlib_resources"],
-        "tensorboard": ["tensorboardX"],
     },
     license="Apache-2.0",
 )

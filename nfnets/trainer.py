@@ -232,11 +232,12 @@ def _train_loop(config, state, train_iter, total_steps, train_step, ckpt,
             now - last_time)
         writer.write(step, results)
         eta = (total_steps - step) * (now - run_start) / (step - first_step)
-        logging.info("step %d/%d: loss %.4f, train acc %.3f, lr %.4g, "
-                     "%.0f img/s, ETA %.0fs", step, total_steps,
-                     results["loss"], results["train_accuracy"],
-                     results["learning_rate"], results["images_per_sec"],
-                     eta)
+        if jax.process_index() == 0:
+          logging.info("step %d/%d: loss %.4f, train acc %.3f, lr %.4g, "
+                       "%.0f img/s, ETA %.0fs", step, total_steps,
+                       results["loss"], results["train_accuracy"],
+                       results["learning_rate"], results["images_per_sec"],
+                       eta)
         last_time, last_step = now, step
       if step % config.checkpoint.every_steps == 0 or step == total_steps:
         check_finite()

@@ -9,7 +9,8 @@ weights, AGC, SGD + Nesterov, weight decay, EMA, stochastic depth, label
 smoothing). Prints compile time, median step time, images/s, achieved TFLOP/s
 and MFU (model FLOPs from the analytic MAC count: 2 FLOPs per MAC, x3 for a
 training step), and peak device memory. `--smoke` shrinks the model (1/8
-widths, one block per stage) so that it runs on a CPU in seconds.
+widths, one block per stage) so that it runs on a CPU in seconds;
+`--trace_dir` also records a profile of 3 steps.
 """
 
 import json
@@ -45,6 +46,9 @@ _PRECISION = flags.DEFINE_enum("precision", "bfloat16",
                                ["bfloat16", "float32"], "Compute dtype.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny widths and depths.")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
+_TRACE_DIR = flags.DEFINE_string(
+    "trace_dir", None, "If set, also profile 3 steps with jax.profiler into "
+    "this directory (TensorBoard/XProf files and a Perfetto JSON trace).")
 
 # Dense bfloat16 peak FLOP/s by device kind (vendor figures).
 PEAK_FLOPS = {
@@ -156,6 +160,10 @@ def main(argv):
     times.append(time.perf_counter() - start)
 
   step_s = float(np.median(times))
+  if _TRACE_DIR.value:
+    with jax.profiler.trace(_TRACE_DIR.value, create_perfetto_trace=True):
+      for _ in range(3):
+        state = run(state)
   macs = summary.summarize(config.model.name, _IMAGE.value,
                            num_classes=num_classes,
                            **config.model.kwargs)["gmacs"] * 1e9

@@ -229,3 +229,22 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_state(
   loaded = checkpoint.read_params(str(tmp_path))
   for leaf in jax.tree.leaves(loaded["params"]):
     assert np.all(np.isfinite(leaf))
+
+
+@pytest.mark.parametrize("name", ["adamw", "lamb"])
+def test_adam_family_with_agc_decays_weights_only(name):
+  config = tiny_config()
+  config.optimizer.update(dict(name=name, weight_decay=0.5,
+                               agc_clipping=0.01))
+  optimizer = optim.make_optimizer(config, lambda _: 0.1)
+  params = {"NFNet/~/conv": {"w": jnp.ones((1, 1, 2, 2)),
+                             "gain": jnp.ones(2)},
+            "NFNet/~/linear": {"w": jnp.ones((2, 3)), "b": jnp.ones(3)}}
+  grads = jax.tree.map(jnp.zeros_like, params)
+  updates, state = jax.jit(optimizer.update)(grads, optimizer.init(params),
+                                             params)
+  assert float(optim.agc_clipped_fraction(state)) == 0.0
+  w_update = np.asarray(updates["NFNet/~/conv"]["w"])
+  assert np.all(w_update < 0)  # decoupled decay pulls weights to 0
+  np.testing.assert_array_equal(updates["NFNet/~/conv"]["gain"], 0.0)
+  np.testing.assert_array_equal(updates["NFNet/~/linear"]["b"], 0.0)
