@@ -8,6 +8,7 @@ new temporary workdir and says where. Config overrides are locked: a key that
 does not exist is an error.
 """
 
+import logging as std_logging
 import os
 import sys
 import tempfile
@@ -73,17 +74,19 @@ def _define_config_flag():
 
 
 class _QuietLibraries:
-  """Drops INFO lines from orbax and tensorstore, which log every file write."""
+  """Drops INFO lines from orbax (it logs every file write) and JAX start-up."""
 
   def filter(self, record) -> bool:
-    return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+    return (record.levelno >= std_logging.WARNING or
+            not any(name in record.pathname
+                    for name in ("orbax", "xla_bridge")))
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().python_handler.addFilter(_QuietLibraries())
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   try:
     config = _CONFIG.value
     config.lock()  # a config file that failed to load raises here

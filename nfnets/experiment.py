@@ -83,7 +83,7 @@ def make_smoke_test(config: ml_collections.ConfigDict) -> None:
   data, batch and length of `configs/digits.py`.
   """
   config.dataset.update(dict(name="digits", image_size=32, eval_image_size=32,
-                             num_classes=10, augment_shift=1))
+                             num_classes=10, augment_shift=0))
   kwargs = dict(config.model.kwargs)
   if config.model.name.startswith("nfnet"):
     kwargs.update(width_multiplier=0.125, group_width=16,
