@@ -62,7 +62,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer = ml_collections.ConfigDict(dict(
       name="sgd", base_lr=0.1, momentum=0.9, nesterov=True,
       weight_decay=2e-5, agc_clipping=0.01, agc_eps=1e-3, b1=0.9, b2=0.999,
-      warmup_epochs=5.0))
+      warmup_epochs=5.0,
+      # Sharpness-aware minimization: radius (0 = off) and whether the ascent
+      # step uses the all-device gradient (False: per device, as for F6).
+      sam_rho=0.0, sam_sync=True))
   c.label_smoothing = 0.1
   c.ema = ml_collections.ConfigDict(dict(decay=0.99999, warmup=False))
   c.precision = "bfloat16"
@@ -123,6 +126,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
        "optimizer.agc_clipping must be >= 0 (0 turns AGC off)")
   need(config.optimizer.agc_eps > 0, "optimizer.agc_eps must be > 0")
   need(config.optimizer.weight_decay >= 0, "weight_decay must be >= 0")
+  need(config.optimizer.sam_rho >= 0, "optimizer.sam_rho must be >= 0")
   need(0 <= config.label_smoothing < 1, "label_smoothing must be in [0, 1)")
   need(0 <= config.ema.decay < 1, "ema.decay must be in [0, 1)")
   need(config.precision in PRECISIONS,

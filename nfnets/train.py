@@ -24,6 +24,7 @@ import optax
 
 from nfnets import optim
 from nfnets import parallel
+from nfnets import sam
 
 
 class TrainState(NamedTuple):
@@ -129,8 +130,11 @@ def make_train_step(model: hk.TransformedWithState,
                                     config.label_smoothing))
       return loss, (logits, model_state)
 
-    (loss, (logits, model_state)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.params)
+    # SAM with rho = 0 is exactly jax.value_and_grad.
+    (loss, (logits, model_state)), grads = sam.sam_gradient(
+        loss_fn, state.params, config.optimizer.sam_rho,
+        axis_name=parallel.AXIS, sync_ascent=config.optimizer.sam_sync,
+        has_aux=True)
     grads = lax.pmean(grads, parallel.AXIS)
     loss = lax.pmean(loss, parallel.AXIS)
     model_state = jax.tree.map(

@@ -131,6 +131,29 @@ def _log_eval(step: int, results: dict, writer: MetricWriter) -> None:
       results["eval_ema_loss"], results["eval_images_per_sec"])
 
 
+def _restore_or_init(config, ckpt, abstract, init_fn, train_iter, optimizer,
+                     mesh, mode, workdir) -> train.TrainState:
+  """The workdir's newest checkpoint, else `init_from`, else a fresh init."""
+  restored = ckpt.restore_latest(abstract)
+  if restored is not None:
+    state, data_state = restored
+    train_iter.set_state(data_state)
+    logging.info("resumed from %s at step %d", ckpt.directory,
+                 int(state.step))
+    return state
+  if config.init_from:
+    state = init_fn(jax.random.PRNGKey(config.seed))
+    params, ema_params = _load_init_from(config.init_from, abstract, state)
+    state = state._replace(params=parallel.replicate(params, mesh),
+                           ema_params=parallel.replicate(ema_params, mesh))
+    logging.info("initialised weights from %s", config.init_from)
+    return state._replace(opt_state=jax.jit(optimizer.init)(state.params))
+  if mode == "eval":
+    raise ValueError(f"nothing to evaluate: no checkpoint in {workdir} and "
+                     "no config.init_from")
+  return init_fn(jax.random.PRNGKey(config.seed))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        mode: str = "train") -> dict:
   """Trains and/or evaluates as configured; returns the final metrics.
@@ -175,29 +198,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                  config.checkpoint.max_to_keep,
                                  config.checkpoint.async_save)
-  restored = ckpt.restore_latest(abstract)
-  if restored is not None:
-    state, data_state = restored
-    train_iter.set_state(data_state)
-    logging.info("resumed from %s at step %d", ckpt.directory,
-                 int(state.step))
-  elif config.init_from:
-    state = init_fn(jax.random.PRNGKey(config.seed))
-    params, ema_params = _load_init_from(config.init_from, abstract, state)
-    state = state._replace(params=parallel.replicate(params, mesh),
-                           ema_params=parallel.replicate(ema_params, mesh))
-    state = state._replace(opt_state=jax.jit(optimizer.init)(state.params))
-    logging.info("initialised weights from %s", config.init_from)
-  elif mode == "eval":
-    raise ValueError(f"nothing to evaluate: no checkpoint in {workdir} and "
-                     "no config.init_from")
-  else:
-    state = init_fn(jax.random.PRNGKey(config.seed))
-
-  writer = MetricWriter(workdir)
-  eval_step = train.make_eval_step(model, config, mesh)
-  results: dict = {}
+  writer = None
   try:
+    state = _restore_or_init(config, ckpt, abstract, init_fn, train_iter,
+                             optimizer, mesh, mode, workdir)
+    writer = MetricWriter(workdir)
+    eval_step = train.make_eval_step(model, config, mesh)
     if mode == "eval":
       results = evaluate(state, eval_step, config, mesh)
       _log_eval(int(state.step), results, writer)
@@ -213,7 +219,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     return results
   finally:
     ckpt.close()
-    writer.close()
+    if writer is not None:
+      writer.close()
 
 
 def _train_loop(config, state, train_iter, total_steps, train_step, ckpt,
