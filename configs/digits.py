@@ -14,9 +14,18 @@ the same learning rate diverges within the first 60 steps.
 from nfnets import experiment
 
 
+def _options(arg):
+  return experiment.parse_arg(arg, epochs=15.0, seed=0, seeds=3)
+
+
+def get_sweep(arg=None):
+  """Seeds 0 .. seeds-1 (the spread in BENCHMARKS.md): `seeds=N`."""
+  return [{"seed": seed} for seed in range(_options(arg).seeds)]
+
+
 def get_config(arg=None):
   """Returns the digits config; `arg` takes `epochs=N` and `seed=N`."""
-  options = experiment.parse_arg(arg, epochs=15.0, seed=0)
+  options = _options(arg)
   c = experiment.base_config()
   c.seed = options.seed
   c.dataset.update(dict(name="digits", image_size=32, eval_image_size=32,

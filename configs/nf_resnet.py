@@ -12,9 +12,29 @@ bundled digits data.
 from nfnets import experiment
 
 
+def _options(arg):
+  return experiment.parse_arg(arg, depth=50, agc=False, smoke=False,
+                              sweep="agc_batch")
+
+
+def get_sweep(arg=None):
+  """`sweep=agc_batch`: AGC clipping threshold vs batch size (ICML 2021).
+
+  The paper's figure of top-1 against the clipping threshold for batch sizes
+  256 to 4096 (NF-ResNet-50, AGC on): smaller batches tolerate larger
+  thresholds.
+  """
+  options = _options(arg)
+  if options.sweep != "agc_batch":
+    raise ValueError(f"unknown sweep {options.sweep!r}; valid: agc_batch")
+  return [{"batch_size": batch, "optimizer.agc_clipping": clipping}
+          for batch in (256, 512, 1024, 2048, 4096)
+          for clipping in (0.01, 0.02, 0.04, 0.08, 0.16)]
+
+
 def get_config(arg=None):
   """Returns the config; `arg` takes `depth=N`, `agc=bool`, `smoke=bool`."""
-  options = experiment.parse_arg(arg, depth=50, agc=False, smoke=False)
+  options = _options(arg)
   c = experiment.base_config()
   c.model.name = f"nf_resnet{options.depth}"
   c.model.kwargs = dict(drop_path_rate=0.1, dropout_rate=0.25)

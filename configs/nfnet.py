@@ -9,15 +9,37 @@ decay 2e-5 on weights only, AGC 0.01 on all but the classifier, label
 smoothing 0.1, bfloat16 compute, EMA 0.99999, train/test resolution, dropout
 and stochastic depth 0.25 per variant. `smoke=True` swaps in a tiny model on
 the bundled digits data, to check a set-up end to end in a minute.
+
+`get_sweep` ships F0 to F7 at their resolutions (experiments/sweep.py).
 """
 
 from nfnets import experiment
 from nfnets.models import nfnet
 
 
+def _options(arg):
+  return experiment.parse_arg(arg, variant="F0", smoke=False,
+                              sweep="variants")
+
+
+def get_sweep(arg=None):
+  """`sweep=variants`: F0 to F7 at their train and test resolutions."""
+  options = _options(arg)
+  if options.sweep != "variants":
+    raise ValueError(f"unknown sweep {options.sweep!r}; valid: variants")
+  runs = []
+  for k in range(len(nfnet.VARIANTS)):
+    row = nfnet.VARIANTS[f"F{k}"]
+    runs.append({"model.name": f"nfnet_f{k}",
+                 "dataset.image_size": row.train_image_size,
+                 "dataset.eval_image_size": row.test_image_size,
+                 "model.kwargs.dropout_rate": row.dropout_rate})
+  return runs
+
+
 def get_config(arg=None):
   """Returns the config; `arg` takes `variant=F0..F7[+]` and `smoke=bool`."""
-  options = experiment.parse_arg(arg, variant="F0", smoke=False)
+  options = _options(arg)
   row, _ = nfnet.parse_variant(options.variant)
   c = experiment.base_config()
   suffix = "plus" if options.variant.endswith("+") else ""

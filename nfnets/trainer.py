@@ -6,6 +6,7 @@ every `checkpoint.every_steps`, at the end and on SIGTERM (preemption); a
 non-finite loss stops the run after saving the last good state.
 """
 
+import json
 import math
 import os
 import signal
@@ -216,6 +217,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       eval_results = evaluate(state, eval_step, config, mesh)
       _log_eval(int(state.step), eval_results, writer)
       results.update(eval_results)
+      if jax.process_index() == 0:
+        # Marks a finished run (the sweep launcher skips these).
+        with open(os.path.join(workdir, "done.json"), "w") as f:
+          json.dump(results, f, indent=1)
     return results
   finally:
     ckpt.close()

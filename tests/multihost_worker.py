@@ -1,0 +1,59 @@
+"""One process of a tiny digits run, for `tests/test_multihost.py`.
+
+  python tests/multihost_worker.py WORKDIR [--distributed]
+
+Trains the digits NFNet for a few steps with `nfnets.trainer` (checkpoints
+every 2 steps, an evaluation at the end). With `--distributed` the process
+joins a `jax.distributed` job described by JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES and JAX_PROCESS_ID; the device count comes from XLA_FLAGS.
+The config does not depend on the topology, so every topology trains the
+same model on the same global batches.
+"""
+
+import argparse
+import os
+import sys
+
+# Runnable from a clone: the repo root (for `configs`) on the path.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+from nfnets import trainer  # pylint: disable=g-import-not-at-top,wrong-import-position
+import configs.digits as digits_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+NUM_STEPS = 6
+CHECKPOINT_EVERY = 2
+
+
+def make_config(distributed: bool):
+  """The digits config cut to a few steps of a global batch of 16."""
+  c = digits_config.get_config()
+  c.optimizer.warmup_epochs = 0.0
+  c.batch_size = 16
+  c.eval_batch_size = 40
+  c.num_steps = NUM_STEPS
+  c.checkpoint.every_steps = CHECKPOINT_EVERY
+  c.checkpoint.max_to_keep = NUM_STEPS // CHECKPOINT_EVERY
+  c.checkpoint.async_save = False
+  c.log_every_steps = 1
+  c.precision = "float32"
+  c.distributed = distributed
+  return c
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("workdir")
+  parser.add_argument("--distributed", action="store_true")
+  args = parser.parse_args()
+  results = trainer.train_and_evaluate(make_config(args.distributed),
+                                       args.workdir, "train")
+  print(f"process {jax.process_index()} of {jax.process_count()} with "
+        f"{jax.device_count()} devices: eval_examples "
+        f"{results['eval_examples']:.0f}, loss {results['loss']:.6f}",
+        flush=True)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,56 @@
+"""experiments/sweep.py: printed commands, a tiny local sweep, skipping."""
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _sweep(*flags):
+  return subprocess.run(
+      [sys.executable, os.path.join(ROOT, "experiments", "sweep.py"), *flags],
+      cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+
+
+def test_dry_run_prints_the_agc_batch_sweep(tmp_path):
+  result = _sweep("--config=configs/nf_resnet.py", f"--workdir_root={tmp_path}")
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = result.stdout.strip().splitlines()
+  assert len(lines) == 25  # 5 batch sizes x 5 clipping thresholds
+  first = lines[0]
+  assert "experiments/train.py --config=configs/nf_resnet.py" in first
+  assert (f"--workdir={tmp_path}/batch_size=256,optimizer.agc_clipping=0.01"
+          in first)
+  assert first.endswith("--config.batch_size=256 "
+                        "--config.optimizer.agc_clipping=0.01")
+  assert lines[-1].endswith("--config.batch_size=4096 "
+                            "--config.optimizer.agc_clipping=0.16")
+  assert not os.listdir(tmp_path)  # a dry run writes nothing
+
+
+def test_variants_sweep_and_bad_sweeps(tmp_path):
+  result = _sweep("--config=configs/nfnet.py:sweep=variants",
+                  f"--workdir_root={tmp_path}", "--", "--config.batch_size=8")
+  lines = result.stdout.strip().splitlines()
+  assert len(lines) == 8
+  assert ("--config.model.name=nfnet_f3 --config.dataset.image_size=320 "
+          "--config.dataset.eval_image_size=416" in lines[3])
+  assert all(line.endswith("--config.batch_size=8") for line in lines)
+  bad = _sweep("--config=configs/resnet.py", f"--workdir_root={tmp_path}")
+  assert bad.returncode != 0 and "defines no get_sweep" in bad.stderr
+
+
+def test_tiny_sweep_runs_and_a_rerun_skips_finished_runs(tmp_path):
+  flags = ["--config=configs/digits.py:seeds=2", f"--workdir_root={tmp_path}",
+           "--run", "--", "--config.num_steps=3", "--config.batch_size=32",
+           "--config.log_every_steps=1"]
+  first = _sweep(*flags)
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert sorted(os.listdir(tmp_path)) == ["seed=0", "seed=1"]
+  for run in ("seed=0", "seed=1"):
+    assert os.path.exists(tmp_path / run / "done.json")
+  assert "sweep done: 2 runs" in first.stdout
+  again = _sweep(*flags)
+  assert again.returncode == 0
+  assert again.stdout.count("finished already") == 2
