@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 
+from model_helpers import fast_jit
 from nfnets import agc
 from nfnets import models
 from nfnets import sam
@@ -25,22 +26,6 @@ def _tree_rel_err(a, b):
                                           jax.tree.leaves(b)))
   ref = sum(np.sum(np.asarray(y, np.float64) ** 2) for y in jax.tree.leaves(b))
   return float(np.sqrt(diff / ref))
-
-
-@functools.cache
-def _fast_compile_options():
-  """XLA:CPU options that compile the NFNet 2-3x faster, or {} if unknown."""
-  options = {"xla_backend_optimization_level": 0,
-             "xla_cpu_use_fusion_emitters": False}
-  try:
-    jax.jit(lambda x: x + 1, compiler_options=options).lower(1.0).compile()
-  except jax.errors.JaxRuntimeError:
-    return {}
-  return options
-
-
-def _jit(fn):
-  return jax.jit(fn, compiler_options=_fast_compile_options())
 
 
 def _hand_sam(grad_fn, params, rho):
@@ -120,7 +105,7 @@ def test_tiny_nfnet_matches_hand_computation_and_composes_with_agc():
   images = jax.random.normal(jax.random.key(0), (8, 32, 32, 3))
   labels = jnp.arange(8) % 10
   # Jitted: an eager Haiku init of even this tiny net takes tens of seconds.
-  params, state = _jit(functools.partial(model.init, is_training=True))(
+  params, state = fast_jit(functools.partial(model.init, is_training=True))(
       jax.random.key(1), images)
 
   def loss_fn(p):
@@ -133,7 +118,7 @@ def test_tiny_nfnet_matches_hand_computation_and_composes_with_agc():
       agc.adaptive_grad_clip(0.01, mask=agc.classifier_mask),
       optax.sgd(0.1, momentum=0.9))
 
-  @_jit
+  @fast_jit
   def step(p, opt_state):
     (loss, logits), grads = sam.sam_gradient(loss_fn, p, RHO, has_aux=True)
     # AGC clips relative to the original params p, not the probe p + e.
@@ -143,7 +128,7 @@ def test_tiny_nfnet_matches_hand_computation_and_composes_with_agc():
   new_params, loss, logits, grads = step(params, optimizer.init(params))
   # One compiled gradient, called at w and at w + e (half a SAM compile).
   (want_loss, want_logits), plain, want = _hand_sam(
-      _jit(jax.value_and_grad(loss_fn, has_aux=True)), params, RHO)
+      fast_jit(jax.value_and_grad(loss_fn, has_aux=True)), params, RHO)
 
   assert _tree_rel_err(grads, want) < 1e-5
   np.testing.assert_allclose(loss, want_loss, rtol=1e-5)  # value is at w
