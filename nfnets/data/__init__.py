@@ -20,6 +20,10 @@ from nfnets.data import digits
 def train_iterator(config: ml_collections.ConfigDict) -> arrays.TrainIterator:
   """This process's training iterator for `config.dataset`."""
   ds = config.dataset
+  if ds.name == "image_folder":
+    # Lazy: only this dataset needs TensorFlow.
+    from nfnets.data import image_folder  # pylint: disable=g-import-not-at-top
+    return image_folder.train_iterator_from_config(config)
   if ds.name == "digits":
     images, labels = digits.load_digits("train", ds.image_size)
     augment = None
@@ -36,6 +40,9 @@ def train_iterator(config: ml_collections.ConfigDict) -> arrays.TrainIterator:
 def eval_pass(config: ml_collections.ConfigDict) -> Iterator[dict]:
   """One pass over this process's part of the evaluation split."""
   ds = config.dataset
+  if ds.name == "image_folder":
+    from nfnets.data import image_folder  # pylint: disable=g-import-not-at-top
+    return image_folder.eval_pass_from_config(config)
   if ds.name == "digits":
     images, labels = digits.load_digits("test", ds.eval_image_size)
     return arrays.eval_batches(
