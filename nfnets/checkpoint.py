@@ -119,7 +119,13 @@ def read_params(path: str) -> dict[str, Any]:
 
 def _read_state_params(state_dir: str) -> dict[str, Any]:
   with ocp.StandardCheckpointer() as ckptr:
-    tree = ckptr.restore(state_dir)
+    # Restoring against host (numpy) targets reads a checkpoint written on any
+    # device layout; without a target orbax rebuilds the saved sharding and
+    # fails on another topology.
+    metadata = ckptr.metadata(state_dir)
+    metadata = getattr(metadata, "item_metadata", metadata)
+    target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), metadata)
+    tree = ckptr.restore(state_dir, target)
   if isinstance(tree, dict) and "params" in tree:
     params = tree["params"]
     ema = tree.get("ema_params", params)

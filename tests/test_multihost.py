@@ -1,0 +1,205 @@
+"""Multi-process training on one machine: 2 CPU processes of 2 devices each.
+
+The processes join a `jax.distributed` job through a loopback coordinator and
+train the digits NFNet in one shared workdir (`tests/multihost_worker.py`).
+Their checkpoints must hold the parameters of a single process with 4 devices
+fed the same global batches, and each topology must resume the other's
+checkpoints.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from nfnets import checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(ROOT, "tests", "multihost_worker.py")
+NUM_STEPS = 6  # as in the worker, which checkpoints every 2 steps
+DEVICES = 4  # global devices of every topology
+TIMEOUT = 300  # seconds per job
+_DEVICE_FLAG = "--xla_force_host_platform_device_count"
+_DISTRIBUTED_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES",
+                     "JAX_PROCESS_ID")
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _env(local_devices, process_id=None, num_processes=None,
+         coordinator=None):
+  """This environment with `local_devices` CPU devices and the job's vars."""
+  env = dict(os.environ)
+  flags = [f for f in env.get("XLA_FLAGS", "").split()
+           if not f.startswith(_DEVICE_FLAG)]
+  env["XLA_FLAGS"] = " ".join(flags + [f"{_DEVICE_FLAG}={local_devices}"])
+  env["JAX_PLATFORMS"] = "cpu"
+  for name in _DISTRIBUTED_VARS:
+    env.pop(name, None)
+  if num_processes is not None:
+    env.update(JAX_COORDINATOR_ADDRESS=coordinator,
+               JAX_NUM_PROCESSES=str(num_processes),
+               JAX_PROCESS_ID=str(process_id))
+  return env
+
+
+def _tail(path, chars=3000):
+  with open(path) as f:
+    return f.read()[-chars:]
+
+
+def run_job(workdir, num_processes, logdir):
+  """Trains in `workdir` with 1 process of 4 devices or 2 of 2; waits.
+
+  A failed process stops the job at once (its peers would wait for it in a
+  collective); every process still running at the end is killed.
+
+  Args:
+    workdir: the run's workdir, shared by the processes.
+    num_processes: 1 (a plain run) or 2 (a `jax.distributed` job).
+    logdir: where each process's output goes.
+
+  Returns:
+    The output of each process.
+  """
+  os.makedirs(logdir, exist_ok=True)
+  coordinator = f"127.0.0.1:{_free_port()}"
+  name = os.path.basename(workdir)
+  logs = [os.path.join(logdir, f"{name}-{p}.log")
+          for p in range(num_processes)]
+  procs = []
+  try:
+    for p, log in enumerate(logs):
+      if num_processes == 1:
+        args, env = [], _env(DEVICES)
+      else:
+        args = ["--distributed"]
+        env = _env(DEVICES // num_processes, p, num_processes, coordinator)
+      with open(log, "w") as out:
+        procs.append(subprocess.Popen(
+            [sys.executable, WORKER, str(workdir), *args], cwd=ROOT, env=env,
+            stdout=out, stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+      codes = [proc.poll() for proc in procs]
+      if None not in codes or any(code for code in codes):
+        break
+      time.sleep(0.2)
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  outputs = [_tail(log) for log in logs]
+  codes = [proc.returncode for proc in procs]
+  report = "\n".join(f"--- process {p}:\n{out}"
+                     for p, out in enumerate(outputs))
+  assert codes == [0] * num_processes, f"{name}: exit codes {codes}\n{report}"
+  for p, out in enumerate(outputs):
+    assert (f"process {p} of {num_processes} with {DEVICES} devices"
+            in out), out
+  return outputs
+
+
+def read_state(workdir, step):
+  """The checkpointed state at `step` as numpy, whatever topology saved it."""
+  directory = os.path.join(workdir, "checkpoints", str(step), "state")
+  with ocp.StandardCheckpointer() as ckptr:
+    metadata = ckptr.metadata(directory).item_metadata
+    target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), metadata)
+    return ckptr.restore(directory, target)
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def checkpoint_steps(workdir):
+  names = os.listdir(os.path.join(workdir, "checkpoints"))
+  return sorted(int(name) for name in names if name.isdigit())
+
+
+def assert_same_weights(workdir, reference, step=NUM_STEPS):
+  """The weights and optimizer state at `step` equal the reference's."""
+  got, want = read_state(workdir, step), read_state(reference, step)
+  for key in ("params", "ema_params", "opt_state"):
+    got_leaves = jax.tree.leaves(got[key])
+    want_leaves = jax.tree.leaves(want[key])
+    assert len(got_leaves) == len(want_leaves) > 10, key
+    for a, b in zip(got_leaves, want_leaves):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert int(got["step"]) == int(want["step"]) == step
+
+
+def resume_from(source, step, workdir):
+  """A new workdir holding only `source`'s checkpoint at `step`."""
+  shutil.copytree(os.path.join(source, "checkpoints", str(step)),
+                  os.path.join(workdir, "checkpoints", str(step)))
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """The reference (1 process, 4 devices) and the 2-process run, fresh."""
+  base = tmp_path_factory.mktemp("multihost")
+  reference = str(base / "one_process")
+  run_job(reference, 1, str(base / "logs"))
+  two = str(base / "two_processes")
+  run_job(two, 2, str(base / "logs"))
+  return base, reference, two
+
+
+def test_two_processes_equal_one_process_with_the_same_devices(runs):
+  _, reference, two = runs
+  assert checkpoint_steps(two) == checkpoint_steps(reference) == [2, 4, 6]
+  for step in (2, NUM_STEPS):
+    assert_same_weights(two, reference, step)
+  # read_params (init_from, export) reads a 4-device checkpoint in this
+  # 8-device process.
+  loaded = checkpoint.read_params(two)["params"]
+  for a, b in zip(jax.tree.leaves(loaded),
+                  jax.tree.leaves(read_state(two, NUM_STEPS)["params"])):
+    np.testing.assert_array_equal(a, b)
+  # Not vacuous: training moved the weights by far more than the tolerance.
+  first, last = (read_state(reference, s)["params"] for s in (2, NUM_STEPS))
+  assert max(float(np.abs(a - b).max()) for a, b in zip(
+      jax.tree.leaves(first), jax.tree.leaves(last))) > 1e-3
+  # Process 0 alone writes the metrics; the evaluation counts every example
+  # once across processes and agrees with the single process.
+  got, want = read_metrics(two), read_metrics(reference)
+  assert [m["step"] for m in got] == [m["step"] for m in want] == [
+      1, 2, 3, 4, 5, 6, 6]
+  for g, w in zip(got[:-1], want[:-1]):
+    for name in ("loss", "grad_norm", "learning_rate"):
+      assert g[name] == pytest.approx(w[name], rel=1e-5), (g["step"], name)
+  count = want[-1]["eval_examples"]
+  assert got[-1]["eval_examples"] == count > 0
+  for name in ("eval_top1", "eval_ema_top1", "eval_loss", "eval_ema_loss"):
+    # At most one prediction may flip on rounding.
+    assert got[-1][name] == pytest.approx(want[-1][name], abs=1.01 / count)
+
+
+@pytest.mark.parametrize("source_processes,step", [(2, 4), (1, 2)])
+def test_other_topology_resumes_the_checkpoint(runs, source_processes, step):
+  base, reference, two = runs
+  source = two if source_processes == 2 else reference
+  resumed = resume_from(source, step,
+                        str(base / f"resumed_from_{source_processes}"))
+  run_job(resumed, 3 - source_processes, str(base / "logs"))
+  # It went on from the copied step (a fresh start would log step 1).
+  assert read_metrics(resumed)[0]["step"] == step + 1
+  assert checkpoint_steps(resumed)[-1] == NUM_STEPS
+  assert_same_weights(resumed, reference)
