@@ -181,15 +181,45 @@ def adaptive_grad_clip(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+def classifier_module(params: Mapping[str, Any],
+                      classifier: str = "linear") -> str:
+  """The path of the final classifier in a Haiku params tree.
+
+  The classifier is the module whose path is exactly `<root>/~/<classifier>`,
+  a direct child of the root module; deeper modules with the same name (e.g.
+  the `linear` layers inside squeeze-excite blocks) are not the classifier.
+
+  Args:
+    params: Haiku params mapping from module path to that module's params.
+    classifier: name of the classifier module under the root module.
+
+  Returns:
+    The module path, e.g. 'NFNet/~/linear'.
+
+  Raises:
+    ValueError: if `params` is not a mapping or no module matches.
+  """
+  if not isinstance(params, Mapping):
+    raise ValueError(
+        f"expected a Haiku params mapping, got {type(params)}.")
+  top_level = set()
+  for path in params:
+    parts = str(path).split("/~/")
+    if len(parts) >= 2:
+      top_level.add(parts[1])
+      if len(parts) == 2 and parts[1] == classifier:
+        return path
+  raise ValueError(
+      f"No classifier module {classifier!r} directly under the root module; "
+      f"top-level modules found: {sorted(top_level)}.")
+
+
 def classifier_mask(params: Mapping[str, Any],
                     classifier: str = "linear") -> Any:
   """Builds an AGC mask that excludes the final classifier layer.
 
   Brock et al. 2021, Sec. 4.1, find it best not to clip the final linear
-  layer. In a Haiku params tree `{module_path: {param_name: array}}` the
-  classifier is the module whose path is exactly `<root>/~/<classifier>`, a
-  direct child of the root module; deeper modules with the same name (e.g. the
-  `linear` layers inside squeeze-excite blocks) are not the classifier.
+  layer; `classifier_module` says which module that is.
 
   Args:
     params: Haiku params mapping from module path to that module's params.
@@ -202,20 +232,6 @@ def classifier_mask(params: Mapping[str, Any],
   Raises:
     ValueError: if `params` is not a mapping or no module matches.
   """
-  if not isinstance(params, Mapping):
-    raise ValueError(
-        f"classifier_mask expects a Haiku params mapping, got {type(params)}.")
-  matches = set()
-  top_level = set()
-  for path in params:
-    parts = str(path).split("/~/")
-    if len(parts) >= 2:
-      top_level.add(parts[1])
-      if len(parts) == 2 and parts[1] == classifier:
-        matches.add(path)
-  if not matches:
-    raise ValueError(
-        f"No classifier module {classifier!r} directly under the root module; "
-        f"top-level modules found: {sorted(top_level)}.")
+  head = classifier_module(params, classifier)
   return jax.tree_util.tree_map_with_path(
-      lambda kp, _: kp[0].key not in matches, params)
+      lambda kp, _: kp[0].key != head, params)

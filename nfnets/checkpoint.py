@@ -126,10 +126,6 @@ def _read_state_params(state_dir: str) -> dict[str, Any]:
     metadata = getattr(metadata, "item_metadata", metadata)
     target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), metadata)
     tree = ckptr.restore(state_dir, target)
-  if isinstance(tree, dict) and "params" in tree:
-    params = tree["params"]
-    ema = tree.get("ema_params", params)
-  else:  # a NamedTuple-like restore
-    params, ema = tree[1], tree[4]
-  to_np = lambda t: jax.tree.map(np.asarray, t)
-  return {"params": to_np(params), "ema_params": to_np(ema)}
+  # Restored against numpy targets: a dict of host arrays, the TrainState's
+  # fields by name.
+  return {"params": tree["params"], "ema_params": tree["ema_params"]}

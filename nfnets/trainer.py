@@ -63,15 +63,15 @@ def _load_init_from(path: str, abstract: train.TrainState,
     (params, ema_params) as host arrays.
   """
   loaded = checkpoint.load_weights(path)
-  classifier = [m for m, leaves in agc.classifier_mask(abstract.params).items()
-                if not any(leaves.values())]
-  skip = tuple(m for m in classifier if {
-      k: tuple(v.shape) for k, v in abstract.params[m].items()} != {
-          k: np.shape(v) for k, v in loaded["params"].get(m, {}).items()})
+  head = agc.classifier_module(abstract.params)
+  shapes = lambda leaves: {k: np.shape(v) for k, v in leaves.items()}
+  head_fits = (shapes(abstract.params[head]) ==
+               shapes(loaded["params"].get(head, {})))
+  skip = () if head_fits else (head,)
   if skip:
     logging.warning("init_from %s: classifier %s does not match the %d "
-                    "classes; it is re-initialised", path, skip[0],
-                    abstract.params[skip[0]]["b"].shape[0])
+                    "classes; it is re-initialised", path, head,
+                    abstract.params[head]["b"].shape[0])
   source = f"init_from {path}"
   result = []
   for key in ("params", "ema_params"):

@@ -23,6 +23,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from nfnets import agc  # pylint: disable=g-import-not-at-top,wrong-import-position
 from nfnets import checkpoint  # pylint: disable=g-import-not-at-top,wrong-import-position
 from nfnets import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from nfnets import released_weights  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -52,11 +53,11 @@ def predict(model_name, weights, paths, image_size=None, precision="float32",
             top_k=5) -> list[dict]:
   """Returns [{'image', 'top5': [{'class', 'label', 'prob'}, ...]}, ...]."""
   params = checkpoint.load_weights(weights)["ema_params"]
-  classifier = [m for m in params if m.endswith("/~/linear")
-                and m.count("/~/") == 1]
-  if not classifier:
-    raise ValueError(f"{weights} has no classifier module '<root>/~/linear'")
-  num_classes = int(np.shape(params[classifier[0]]["b"])[0])
+  try:
+    head = agc.classifier_module(params)
+  except ValueError as e:
+    raise ValueError(f"{weights}: {e}") from None
+  num_classes = int(np.shape(params[head]["b"])[0])
   size = image_size or models.image_sizes(model_name)[1]
   model = models.build_model(model_name, num_classes=num_classes)
   images = np.stack([transforms.resize_crop_32(transforms.load_rgb(p), size)
