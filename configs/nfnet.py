@@ -1,13 +1,17 @@
 """NFNet F0-F7 (and F0+ to F7+) on ImageNet with the paper's recipe.
 
   python experiments/train.py --config=configs/nfnet.py:variant=F1 \
-      --workdir=/ckpt/f1 --config.batch_size=1024
+      --workdir=/ckpt/f1 --config.batch_size=1024 \
+      --config.dataset.data_dir=/data/tfds \
+      --config.dataset.manual_dir=/data/ilsvrc2012_tars
 
 Defaults follow SPEC.md / ICML 2021 App. C: batch 4096, lr 0.1 * batch / 256,
 5 warmup epochs then cosine decay over 360 epochs, SGD + Nesterov 0.9, weight
 decay 2e-5 on weights only, AGC 0.01 on all but the classifier, label
 smoothing 0.1, bfloat16 compute, EMA 0.99999, train/test resolution, dropout
-and stochastic depth 0.25 per variant. `smoke=True` swaps in a tiny model on
+and stochastic depth 0.25 per variant; Inception crop, flip, RandAugment
+(layers, magnitude) per variant, MixUp (alpha 0.2) on half of the pairs and
+CutMix (alpha 1) on the other half; `resize_crop_32` evaluation. `smoke=True` swaps in a tiny model on
 the bundled digits data, to check a set-up end to end in a minute.
 
 `get_sweep` ships F0 to F7 at their resolutions (experiments/sweep.py).
@@ -33,6 +37,8 @@ def get_sweep(arg=None):
     runs.append({"model.name": f"nfnet_f{k}",
                  "dataset.image_size": row.train_image_size,
                  "dataset.eval_image_size": row.test_image_size,
+                 "dataset.randaugment_layers": row.randaugment[0],
+                 "dataset.randaugment_magnitude": float(row.randaugment[1]),
                  "model.kwargs.dropout_rate": row.dropout_rate})
   return runs
 
@@ -47,7 +53,10 @@ def get_config(arg=None):
   c.model.kwargs = dict(drop_path_rate=0.25, dropout_rate=row.dropout_rate)
   c.dataset.update(dict(name="imagenet2012", image_size=row.train_image_size,
                         eval_image_size=row.test_image_size,
-                        num_classes=1000))
+                        num_classes=1000,
+                        randaugment_layers=row.randaugment[0],
+                        randaugment_magnitude=float(row.randaugment[1]),
+                        mixup_alpha=0.2, cutmix_alpha=1.0))
   if options.smoke:
     experiment.make_smoke_test(c)
   return c

@@ -13,6 +13,7 @@ import ml_collections
 from nfnets import models
 from nfnets import optim
 
+# Besides these, `dataset.name` may be any TFDS image classification dataset.
 DATASETS = ("digits", "image_folder")
 PRECISIONS = ("float32", "bfloat16")
 MODES = ("train", "eval", "train_eval")
@@ -53,10 +54,23 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.dataset = ml_collections.ConfigDict(dict(
       name="digits", image_size=32, eval_image_size=32, num_classes=10,
-      augment_shift=0,
-      # image_folder: the class-per-folder root, and the share of each class
-      # held out for evaluation when it has no train/ and val/ folders.
-      data_dir="", val_fraction=0.1))
+      augment_shift=0,  # digits only: random shifts of up to this many px
+      # image_folder: the class-per-folder root; TFDS: the data_dir.
+      data_dir="",
+      # TFDS datasets with manual downloads (imagenet2012): where the
+      # ILSVRC2012 tars are, to prepare `data_dir` on first use.
+      manual_dir="",
+      # image_folder: the share of each class held out for evaluation when
+      # the root has no train/ and val/ folders.
+      val_fraction=0.1,
+      # TFDS splits; "" evaluates on 'validation', else 'test'.
+      train_split="train", eval_split="",
+      # Training augmentation after the Inception crop and flip (image_folder
+      # and TFDS): RandAugment ops and magnitude, MixUp and CutMix alphas.
+      randaugment_layers=0, randaugment_magnitude=0.0,
+      mixup_alpha=0.0, cutmix_alpha=0.0,
+      # Evaluation resize: 'squash' (resize_crop_32, SPEC.md) or 'aspect'.
+      eval_resize="squash"))
   c.model = ml_collections.ConfigDict(dict(name="nfnet_f0", kwargs={}))
   c.batch_size = 4096
   c.eval_batch_size = 1024
@@ -89,7 +103,9 @@ def make_smoke_test(config: ml_collections.ConfigDict) -> None:
   data, batch and length of `configs/digits.py`.
   """
   config.dataset.update(dict(name="digits", image_size=32, eval_image_size=32,
-                             num_classes=10, augment_shift=0))
+                             num_classes=10, augment_shift=0,
+                             randaugment_layers=0, mixup_alpha=0.0,
+                             cutmix_alpha=0.0))
   kwargs = dict(config.model.kwargs)
   if config.model.name.startswith("nfnet"):
     kwargs.update(width_multiplier=0.125, group_width=16,
@@ -113,14 +129,25 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not ok:
       raise ValueError(message)
 
-  need(config.dataset.name in DATASETS,
-       f"unknown dataset {config.dataset.name!r}; valid: "
-       f"{', '.join(DATASETS)}")
-  if config.dataset.name == "image_folder":
-    need(bool(config.dataset.data_dir),
-         "dataset.data_dir is required for image_folder")
-    need(0 <= config.dataset.val_fraction < 1,
-         "dataset.val_fraction must be in [0, 1)")
+  ds = config.dataset
+  if ds.name == "digits":
+    need(not (ds.randaugment_layers or ds.mixup_alpha or ds.cutmix_alpha),
+         "RandAugment, MixUp and CutMix need an image dataset (image_folder "
+         "or TFDS), not digits")
+  else:
+    need(bool(ds.data_dir), f"dataset.data_dir is required for {ds.name}")
+    need(0 <= ds.val_fraction < 1, "dataset.val_fraction must be in [0, 1)")
+    need(ds.randaugment_layers >= 0 and ds.randaugment_magnitude >= 0,
+         "dataset.randaugment_layers and _magnitude must be >= 0")
+    need(ds.mixup_alpha >= 0 and ds.cutmix_alpha >= 0,
+         "dataset.mixup_alpha and cutmix_alpha must be >= 0")
+    need(ds.eval_resize in ("squash", "aspect"),
+         f"unknown dataset.eval_resize {ds.eval_resize!r}; valid: squash, "
+         "aspect")
+  if ds.name not in DATASETS:
+    # Imports TensorFlow, which a TFDS dataset needs anyway.
+    from nfnets.data import tfds_source  # pylint: disable=g-import-not-at-top
+    tfds_source.check_name(ds.name)
   models.get_constructor(config.model.name)
   need(config.batch_size > 0 and config.eval_batch_size > 0,
        "batch_size and eval_batch_size must be positive")

@@ -1,4 +1,4 @@
-"""Tests of the class-per-folder tf.data dataset (needs TensorFlow)."""
+"""Tests of the class-per-folder source and its end-to-end training."""
 
 import os
 import subprocess
@@ -12,51 +12,14 @@ pytest.importorskip("tensorflow")
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from nfnets.data import image_folder
-from nfnets.data import transforms
+import image_helpers
 
-NUM_READABLE = 21  # 18 RGB JPEGs + PNG + grayscale JPEG + CMYK JPEG.
-
-
-def _smooth_image(rng: np.random.Generator) -> np.ndarray:
-  """Random uint8 [h, w, 3] with structure at several scales, like a photo."""
-  h, w = rng.integers(60, 121, 2)
-  coarse = rng.integers(0, 256, (h // 10 + 1, w // 10 + 1, 3)).astype(np.uint8)
-  image = Image.fromarray(coarse).resize((int(w), int(h)),
-                                         Image.Resampling.BILINEAR)
-  noise = rng.integers(-16, 17, (h, w, 3))
-  return np.clip(np.asarray(image, np.int32) + noise, 0, 255).astype(np.uint8)
+NUM_READABLE = image_helpers.NUM_READABLE
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> str:
-  root = str(tmp_path_factory.mktemp("image_folder"))
-  rng = np.random.default_rng(0)
-  for name in ("a", "b", "c"):
-    os.makedirs(os.path.join(root, name))
-    for i in range(6):
-      Image.fromarray(_smooth_image(rng)).save(
-          os.path.join(root, name, f"{i}.jpg"), quality=95)
-  Image.fromarray(_smooth_image(rng)).save(os.path.join(root, "a", "p.PNG"))
-  Image.fromarray(_smooth_image(rng)).convert("L").save(
-      os.path.join(root, "a", "gray.jpg"))
-  Image.fromarray(_smooth_image(rng)).convert("CMYK").save(
-      os.path.join(root, "b", "cmyk.jpeg"))
-  with open(os.path.join(root, "b", "corrupt.jpg"), "wb") as f:
-    f.write(rng.integers(0, 256, 500).astype(np.uint8).tobytes())
-  with open(os.path.join(root, "c", "notes.txt"), "w") as f:
-    f.write("not an image")
-  return root
-
-
-def _batches(iterator, n):
-  return [next(iterator) for _ in range(n)]
-
-
-def _train_iter(folder, process_index=0, process_count=1, seed=0, batch=4):
-  paths, labels, _ = image_folder.list_image_folder(folder, "train", 0.25, 0)
-  return image_folder.ImageFolderTrainIterator(
-      paths, labels, batch, image_size=24, seed=seed,
-      process_index=process_index, process_count=process_count)
+  return image_helpers.write_folder(str(tmp_path_factory.mktemp("folder")))
 
 
 def test_listing_splits_and_skips_the_corrupt_file(folder, monkeypatch):
@@ -98,94 +61,16 @@ def test_bad_roots_are_clear_errors(tmp_path, make, message):
     image_folder.list_image_folder(root, "train")
 
 
-def test_train_batches_shapes_and_determinism(folder):
-  iterator = _train_iter(folder)
-  assert iterator.steps_per_epoch == iterator.num_examples // 4
-  first = _batches(iterator, 4)  # crosses into epoch 1
-  for batch in first:
-    assert batch["images"].shape == (4, 24, 24, 3)
-    assert batch["images"].dtype == np.float32
-    assert batch["labels"].dtype == np.int32
-    assert np.all(np.isfinite(batch["images"]))
-    assert np.all((batch["labels"] >= 0) & (batch["labels"] < 3))
-  again = _batches(_train_iter(folder), 4)
-  for a, b in zip(first, again):
-    np.testing.assert_array_equal(a["images"], b["images"])
-    np.testing.assert_array_equal(a["labels"], b["labels"])
-  other = next(_train_iter(folder, seed=1))
-  assert not np.array_equal(other["images"], first[0]["images"])
-
-
-def test_process_slices_concatenate_to_the_global_batch(folder):
-  whole = _batches(_train_iter(folder), 3)
-  parts = [_batches(_train_iter(folder, p, 2), 3) for p in range(2)]
-  for k in range(3):
-    np.testing.assert_allclose(
-        np.concatenate([parts[0][k]["images"], parts[1][k]["images"]]),
-        whole[k]["images"], atol=1e-5)
-    np.testing.assert_array_equal(
-        np.concatenate([parts[0][k]["labels"], parts[1][k]["labels"]]),
-        whole[k]["labels"])
-
-
-def test_resume_from_state_matches_uninterrupted(folder):
-  iterator = _train_iter(folder)
-  _batches(iterator, 3)
-  state = iterator.get_state()
-  expected = _batches(iterator, 3)
-  resumed = _train_iter(folder)
-  resumed.set_state(state)
-  for a, b in zip(_batches(resumed, 3), expected):
-    np.testing.assert_array_equal(a["images"], b["images"])
-    np.testing.assert_array_equal(a["labels"], b["labels"])
-
-
-def test_truncated_jpeg_decodes_instead_of_failing(tmp_path):
-  path = str(tmp_path / "t.jpg")
-  rng = np.random.default_rng(1)
-  Image.fromarray(_smooth_image(rng)).save(path)
-  with open(path, "rb") as f:
-    data = f.read()
-  with open(path, "wb") as f:
-    f.write(data[:len(data) // 2])
-  batch, = image_folder.eval_pass([path], np.zeros(1, np.int32), 1,
-                                  image_size=16)
-  assert np.all(np.isfinite(batch["images"])) and batch["mask"][0] == 1
-
-
-def _eval_all(paths, labels, process_count, global_batch=6, size=32):
-  per_process = [list(image_folder.eval_pass(
-      paths, labels, global_batch, image_size=size, process_index=p,
-      process_count=process_count)) for p in range(process_count)]
-  # Interleave the slices back into global batches, keep the real examples.
-  images, out_labels = [], []
-  for step in zip(*per_process):
-    for part in step:
-      real = part["mask"] == 1
-      assert np.all(part["images"][~real] == 0)
-      images.append(part["images"][real])
-      out_labels.append(part["labels"][real])
-  return np.concatenate(images), np.concatenate(out_labels)
-
-
-def test_eval_pass_covers_each_example_once_and_matches_pil(folder):
-  # Every readable file: all decoders (JPEG, PNG, grayscale, CMYK) compared.
-  paths, labels, _ = image_folder.list_image_folder(folder, "train", 0.0, 0)
-  assert len(paths) == NUM_READABLE
-  one, one_labels = _eval_all(paths, labels, 1)
-  three, three_labels = _eval_all(paths, labels, 3)
-  np.testing.assert_array_equal(one_labels, labels)
-  np.testing.assert_array_equal(three_labels, labels)
-  np.testing.assert_array_equal(one, three)
-  reference = np.stack([transforms.resize_crop_32(transforms.load_rgb(p), 32)
-                        for p in paths])
-  diff = np.abs(one - reference)
-  # Normalised units: one grey level is 1 / (std * 255), 0.0171-0.0175.
-  # JPEGs decode bit-identically to PIL; the bicubic resizes differ only in
-  # rounding. Measured (TF 2.21, Pillow): mean 0.0033, max exactly one grey
-  # level (0.0175), on 19% of the values.
-  assert diff.mean() < 0.01, diff.mean()
-  assert diff.max() < 0.018, diff.max()
+def test_source_reads_bytes_and_labels_in_index_order(folder):
+  source = image_folder.ImageFolderSource(folder, "train", 0.25)
+  assert source.num_classes == 3
+  assert source.num_examples == len(source.paths) == len(source.labels)
+  indices = np.array([3, 0, 3, len(source.paths) - 1])
+  contents, labels = source.read(indices)
+  for k, i in enumerate(indices):
+    with open(source.paths[i], "rb") as f:
+      assert contents[k] == f.read()
+  np.testing.assert_array_equal(labels, source.labels[indices])
 
 
 def test_trainer_end_to_end_on_an_image_folder(folder, tmp_path):

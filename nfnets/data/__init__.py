@@ -1,10 +1,18 @@
 """Input pipelines by dataset name: train iterators and eval passes.
 
+`config.dataset.name` picks the source: 'digits' (bundled, in memory),
+'image_folder' (a class-per-folder root) or the name of a TFDS image
+classification dataset prepared in `dataset.data_dir` (e.g. 'imagenet2012',
+prepared from the ILSVRC2012 tars in `dataset.manual_dir` on first use).
+
 Each train iterator yields this process's slice of every global batch as
-numpy dicts `{'images': float32 [b, H, W, 3], 'labels': int32 [b]}` and has
-`get_state()` / `set_state()` so that checkpoints can resume it exactly.
-Eval passes add a float32 `'mask'` marking real (1) versus padding (0)
-examples, so that every example is counted exactly once across processes.
+numpy dicts `{'images': float32 [b, H, W, 3], 'labels': int32 [b]}` (soft
+float32 [b, num_classes] labels with MixUp/CutMix) and has `get_state()` /
+`set_state()` so that checkpoints can resume it exactly. Eval passes add a
+float32 `'mask'` marking real (1) versus padding (0) examples, so that every
+example is counted exactly once across processes.
+
+TensorFlow is imported only for the image folder and TFDS sources.
 """
 
 import functools
@@ -16,14 +24,32 @@ import ml_collections
 from nfnets.data import arrays
 from nfnets.data import digits
 
+IN_MEMORY = ("digits",)
 
-def train_iterator(config: ml_collections.ConfigDict) -> arrays.TrainIterator:
+
+def _source(config: ml_collections.ConfigDict, train: bool):
+  """The random-access source of the train or eval split."""
+  ds = config.dataset
+  # Lazy: only these sources need TensorFlow.
+  if ds.name == "image_folder":
+    from nfnets.data import image_folder  # pylint: disable=g-import-not-at-top
+    source = image_folder.ImageFolderSource(
+        ds.data_dir, "train" if train else "val", ds.val_fraction)
+  else:
+    from nfnets.data import tfds_source  # pylint: disable=g-import-not-at-top
+    source = tfds_source.open_split(
+        ds.name, ds.train_split if train else ds.eval_split,
+        data_dir=ds.data_dir, manual_dir=ds.manual_dir,
+        may_prepare=jax.process_count() == 1)
+  if source.num_classes > ds.num_classes:
+    raise ValueError(f"{ds.name} in {ds.data_dir!r} has {source.num_classes} "
+                     f"classes but dataset.num_classes is {ds.num_classes}")
+  return source
+
+
+def train_iterator(config: ml_collections.ConfigDict) -> arrays.EpochSampler:
   """This process's training iterator for `config.dataset`."""
   ds = config.dataset
-  if ds.name == "image_folder":
-    # Lazy: only this dataset needs TensorFlow.
-    from nfnets.data import image_folder  # pylint: disable=g-import-not-at-top
-    return image_folder.train_iterator_from_config(config)
   if ds.name == "digits":
     images, labels = digits.load_digits("train", ds.image_size)
     augment = None
@@ -34,19 +60,29 @@ def train_iterator(config: ml_collections.ConfigDict) -> arrays.TrainIterator:
         images, labels, config.batch_size, seed=config.seed,
         process_index=jax.process_index(),
         process_count=jax.process_count(), augment=augment)
-  raise ValueError(f"unknown dataset {ds.name!r}")
+  from nfnets.data import pipeline  # pylint: disable=g-import-not-at-top
+  augment = pipeline.TrainAugment(
+      image_size=ds.image_size, randaugment_layers=ds.randaugment_layers,
+      randaugment_magnitude=ds.randaugment_magnitude,
+      mixup_alpha=ds.mixup_alpha, cutmix_alpha=ds.cutmix_alpha,
+      num_classes=ds.num_classes)
+  return pipeline.SourceTrainIterator(
+      _source(config, train=True), config.batch_size, augment=augment,
+      seed=config.seed, process_index=jax.process_index(),
+      process_count=jax.process_count())
 
 
 def eval_pass(config: ml_collections.ConfigDict) -> Iterator[dict]:
   """One pass over this process's part of the evaluation split."""
   ds = config.dataset
-  if ds.name == "image_folder":
-    from nfnets.data import image_folder  # pylint: disable=g-import-not-at-top
-    return image_folder.eval_pass_from_config(config)
   if ds.name == "digits":
     images, labels = digits.load_digits("test", ds.eval_image_size)
     return arrays.eval_batches(
         images, labels, config.eval_batch_size,
         process_index=jax.process_index(),
         process_count=jax.process_count())
-  raise ValueError(f"unknown dataset {ds.name!r}")
+  from nfnets.data import pipeline  # pylint: disable=g-import-not-at-top
+  return pipeline.eval_pass(
+      _source(config, train=False), config.eval_batch_size,
+      image_size=ds.eval_image_size, resize=ds.eval_resize,
+      process_index=jax.process_index(), process_count=jax.process_count())

@@ -43,57 +43,41 @@ def _local_batch_size(global_batch_size: int, process_index: int,
   return global_batch_size // process_count
 
 
-class TrainIterator:
-  """Infinite, shuffled, resumable iterator of per-process training batches.
+class EpochSampler:
+  """Which examples each process takes at each step; resumable.
 
   Epoch `e` visits the examples in the order of a permutation drawn from
   `np.random.default_rng([seed, e])`; global batch `k` of that epoch is
   `permutation[k * G:(k + 1) * G]` and the incomplete tail is dropped. Process
-  `p` yields the `p`-th contiguous slice of each global batch.
-
-  Each call to `next` yields `{'images': float32 [B, H, W, C],
-  'labels': int32 [B]}` with `B = global_batch_size // process_count`.
+  `p` takes the `p`-th contiguous slice of each global batch. The position is
+  (epoch, batch); subclasses turn indices into examples.
   """
 
-  def __init__(self,
-               images: np.ndarray,
-               labels: np.ndarray,
-               global_batch_size: int,
-               *,
-               seed: int,
-               process_index: int = 0,
-               process_count: int = 1,
-               augment: AugmentFn | None = None):
-    """Initialises the iterator at the start of epoch 0.
+  def __init__(self, num_examples: int, global_batch_size: int, *, seed: int,
+               process_index: int = 0, process_count: int = 1):
+    """Starts at epoch 0, batch 0.
 
     Args:
-      images: [N, H, W, C] array of examples; not copied.
-      labels: [N] integer labels.
+      num_examples: size of the dataset.
       global_batch_size: examples per step summed over all processes.
-      seed: seed for shuffling and augmentation.
+      seed: seed for shuffling (and the subclass's augmentation).
       process_index: index of this process in [0, process_count).
       process_count: number of processes sharing each global batch.
-      augment: optional `fn(images, rng) -> images` applied to every local
-        batch, with a generator seeded by (seed, epoch, batch, process_index).
 
     Raises:
-      ValueError: if the arrays or batch sizes are inconsistent.
+      ValueError: if the batch sizes are inconsistent with each other or
+        exceed the dataset.
     """
-    images = np.asarray(images)
-    labels = np.asarray(labels)
-    _check_arrays(images, labels)
     self._local_batch = _local_batch_size(global_batch_size, process_index,
                                           process_count)
-    if global_batch_size > images.shape[0]:
+    if global_batch_size > num_examples:
       raise ValueError(
           f'global_batch_size {global_batch_size} exceeds the number of '
-          f'examples {images.shape[0]}.')
-    self._images = images
-    self._labels = labels
+          f'examples {num_examples}.')
+    self._num_examples = int(num_examples)
     self._global_batch = global_batch_size
     self._seed = int(seed)
     self._process_index = process_index
-    self._augment = augment
     self._epoch = 0
     self._batch = 0
     # The permutation is the costly part of a step; recompute once per epoch.
@@ -102,8 +86,8 @@ class TrainIterator:
 
   @property
   def num_examples(self) -> int:
-    """Number of examples in the underlying arrays."""
-    return int(self._images.shape[0])
+    """Number of examples in the dataset."""
+    return self._num_examples
 
   @property
   def steps_per_epoch(self) -> int:
@@ -122,26 +106,21 @@ class TrainIterator:
       self._perm_epoch = epoch
     return self._perm
 
-  def __iter__(self) -> TrainIterator:
-    return self
+  def _first_position(self, batch: int) -> int:
+    """Position in the epoch's order of this process's first example."""
+    return batch * self._global_batch + self._process_index * self._local_batch
 
-  def __next__(self) -> dict[str, np.ndarray]:
-    epoch, batch = self._epoch, self._batch
-    start = batch * self._global_batch + self._process_index * self._local_batch
-    idx = self._permutation(epoch)[start:start + self._local_batch]
-    images = self._images[idx]
-    if self._augment is not None:
-      rng = np.random.default_rng(
-          [self._seed, epoch, batch, self._process_index])
-      images = self._augment(images, rng)
+  def _advance(self) -> tuple[int, int]:
+    """Returns the current (epoch, batch) and moves to the next one."""
+    at = (self._epoch, self._batch)
     self._batch += 1
     if self._batch == self.steps_per_epoch:
       self._epoch += 1
       self._batch = 0
-    return {
-        'images': np.asarray(images, np.float32),
-        'labels': np.asarray(self._labels[idx], np.int32),
-    }
+    return at
+
+  def __iter__(self):
+    return self
 
   def get_state(self) -> dict[str, int]:
     """Returns the position of the next batch as JSON-serialisable ints."""
@@ -173,6 +152,62 @@ class TrainIterator:
                        f", got {values['batch']}.")
     self._epoch = values['epoch']
     self._batch = values['batch']
+
+
+class TrainIterator(EpochSampler):
+  """Infinite, shuffled, resumable per-process batches of in-memory arrays.
+
+  The order is `EpochSampler`'s. Each call to `next` yields
+  `{'images': float32 [B, H, W, C], 'labels': int32 [B]}` with
+  `B = global_batch_size // process_count`.
+  """
+
+  def __init__(self,
+               images: np.ndarray,
+               labels: np.ndarray,
+               global_batch_size: int,
+               *,
+               seed: int,
+               process_index: int = 0,
+               process_count: int = 1,
+               augment: AugmentFn | None = None):
+    """Initialises the iterator at the start of epoch 0.
+
+    Args:
+      images: [N, H, W, C] array of examples; not copied.
+      labels: [N] integer labels.
+      global_batch_size: examples per step summed over all processes.
+      seed: seed for shuffling and augmentation.
+      process_index: index of this process in [0, process_count).
+      process_count: number of processes sharing each global batch.
+      augment: optional `fn(images, rng) -> images` applied to every local
+        batch, with a generator seeded by (seed, epoch, batch, process_index).
+
+    Raises:
+      ValueError: if the arrays or batch sizes are inconsistent.
+    """
+    images = np.asarray(images)
+    labels = np.asarray(labels)
+    _check_arrays(images, labels)
+    super().__init__(images.shape[0], global_batch_size, seed=seed,
+                     process_index=process_index, process_count=process_count)
+    self._images = images
+    self._labels = labels
+    self._augment = augment
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    epoch, batch = self._advance()
+    start = self._first_position(batch)
+    idx = self._permutation(epoch)[start:start + self._local_batch]
+    images = self._images[idx]
+    if self._augment is not None:
+      rng = np.random.default_rng(
+          [self._seed, epoch, batch, self._process_index])
+      images = self._augment(images, rng)
+    return {
+        'images': np.asarray(images, np.float32),
+        'labels': np.asarray(self._labels[idx], np.int32),
+    }
 
 
 def num_eval_batches(n: int, global_batch_size: int) -> int:

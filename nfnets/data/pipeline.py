@@ -1,0 +1,407 @@
+"""tf.data decoding and augmentation of encoded images read by index.
+
+A *source* is anything with `num_examples` and `read(indices)` returning the
+encoded image bytes (JPEG, PNG, ...) and int32 labels of those examples, in
+order: an image folder (`image_folder.ImageFolderSource`) or a prepared TFDS
+dataset (`tfds_source.TFDSSource`). Reading by index lets every source share
+`arrays.EpochSampler`'s order: seeded epoch permutations, per-process
+contiguous slices of each global batch, and an (epoch, batch) position that
+resumes exactly.
+
+Randomness never depends on the process count: an example's crop, flip and
+RandAugment are seeded by (seed, epoch, example index) and MixUp/CutMix by
+(seed, epoch, pair position), pairing the examples at positions 2i and 2i + 1
+of the epoch's order (both in the same per-process slice when it is even).
+
+Only this module and the sources import TensorFlow, inside functions, so the
+trainer, models and digits data never need it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterator, Protocol, Sequence
+
+import numpy as np
+
+from nfnets.data import arrays
+from nfnets.data import randaugment
+from nfnets.data import transforms
+
+EVAL_RESIZES = ("squash", "aspect")
+# Whole crop boxes for `sample_distorted_bounding_box`: the image itself.
+_WHOLE_IMAGE = [[[0.0, 0.0, 1.0, 1.0]]]
+
+
+class Source(Protocol):
+  """Random access to a dataset's encoded images and labels."""
+
+  @property
+  def num_examples(self) -> int:
+    ...
+
+  def read(self, indices: np.ndarray) -> tuple[list[bytes], np.ndarray]:
+    ...
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainAugment:
+  """The training preprocessing: Inception crop and flip, then optional extras.
+
+  Attributes:
+    image_size: output resolution.
+    randaugment_layers: RandAugment ops per image (0: off).
+    randaugment_magnitude: their magnitude (0-10 scale; higher extrapolates).
+    mixup_alpha: MixUp's Beta(alpha, alpha) parameter (0: off).
+    cutmix_alpha: CutMix's Beta(alpha, alpha) parameter (0: off). With both
+      on, even pairs get MixUp and odd pairs CutMix.
+    num_classes: the label count, for the soft labels that mixing produces.
+  """
+  image_size: int
+  randaugment_layers: int = 0
+  randaugment_magnitude: float = 0.0
+  mixup_alpha: float = 0.0
+  cutmix_alpha: float = 0.0
+  num_classes: int = 0
+
+  @property
+  def mixes(self) -> bool:
+    return self.mixup_alpha > 0 or self.cutmix_alpha > 0
+
+
+def _decode(raw, crop_window=None):
+  """Decodes encoded bytes to uint8 RGB [h, w, 3], optionally cropping.
+
+  JPEGs use the accurate integer IDCT (bit-identical to PIL; the default fast
+  one is 1.5 grey levels off) and decode only `crop_window` = [y, x, h, w]
+  when given; other formats decode whole, then crop. A truncated JPEG (PIL's
+  listing check does not decode) yields its decoded rows rather than failing
+  mid-epoch.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  jpeg = dict(channels=3, dct_method="INTEGER_ACCURATE",
+              try_recover_truncated=True, acceptable_fraction=0.0)
+
+  def decode_jpeg():
+    if crop_window is None:
+      return tf.io.decode_jpeg(raw, **jpeg)
+    return tf.image.decode_and_crop_jpeg(raw, crop_window, **jpeg)
+
+  def decode_other():
+    image = tf.io.decode_image(raw, channels=3, expand_animations=False)
+    if crop_window is None:
+      return image
+    return tf.slice(image, [crop_window[0], crop_window[1], 0],
+                    [crop_window[2], crop_window[3], 3])
+
+  image = tf.cond(tf.io.is_jpeg(raw), decode_jpeg, decode_other)
+  image.set_shape([None, None, 3])
+  return image
+
+
+def _image_shape(raw):
+  """[h, w] of encoded bytes, from the header alone for JPEGs."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return tf.cond(
+      tf.io.is_jpeg(raw),
+      lambda: tf.image.extract_jpeg_shape(raw)[:2],
+      lambda: tf.shape(tf.io.decode_image(raw, channels=3,
+                                          expand_animations=False))[:2])
+
+
+def _normalize(images):
+  """Float pixels on the 0-255 scale -> (x - mean) / std."""
+  return ((images - np.asarray(transforms.MEAN_RGB, np.float32)) /
+          np.asarray(transforms.STDDEV_RGB, np.float32))
+
+
+def _train_example(raw, label, seed, augment: TrainAugment):
+  """Inception crop fused with decoding, resize, flip, RandAugment.
+
+  Returns float32 [S, S, 3] on the 0-255 scale (not yet normalised, so that
+  mixing and normalising happen once per batch) and the label.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  crop_seed, flip_seed, ra_seed = tf.unstack(
+      tf.random.experimental.stateless_split(seed, 3))
+  shape = _image_shape(raw)
+  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+      tf.concat([shape, [3]], 0), bounding_boxes=tf.constant(_WHOLE_IMAGE),
+      seed=crop_seed, min_object_covered=0.1, aspect_ratio_range=(3 / 4, 4 / 3),
+      area_range=(0.08, 1.0), max_attempts=10,
+      use_image_if_no_bounding_boxes=True)
+  image = _decode(raw, tf.stack([begin[0], begin[1], size[0], size[1]]))
+  s = augment.image_size
+  image = tf.image.resize(image, [s, s], method="bilinear")
+  image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+  if augment.randaugment_layers:
+    pixels = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+    pixels = randaugment.randaugment(pixels, ra_seed,
+                                     augment.randaugment_layers,
+                                     augment.randaugment_magnitude)
+    image = tf.cast(pixels, tf.float32)
+  return image, label
+
+
+def _beta(seed, alpha: float, shape):
+  """Beta(alpha, alpha) samples as a ratio of two stateless Gamma draws."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  g = tf.random.stateless_gamma([2] + list(shape), seed, alpha=alpha)
+  return g[0] / (g[0] + g[1])
+
+
+def _pair_draws(seed, augment: TrainAugment):
+  """One pair's random numbers: [mixup lambda, cutmix lambda, cy, cx]."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  seeds = tf.random.experimental.stateless_split(seed, 3)
+  mix = _beta(seeds[0], augment.mixup_alpha, []) if augment.mixup_alpha else 1.
+  cut = _beta(seeds[1], augment.cutmix_alpha, []) if augment.cutmix_alpha else 1.
+  centre = tf.random.stateless_uniform([2], seeds[2])
+  return tf.stack([tf.cast(mix, tf.float32), tf.cast(cut, tf.float32),
+                   centre[0], centre[1]])
+
+
+def mix_pairs(images, labels, pair_seeds, positions, augment: TrainAugment):
+  """MixUp or CutMix of the examples at positions (2i, 2i + 1), both ways.
+
+  Pair `i` of the epoch gets MixUp if only MixUp is on or `i` is even, else
+  CutMix. MixUp blends whole images with lambda ~ Beta(alpha, alpha); CutMix
+  pastes a box of area ~(1 - lambda) of the other image at a uniform centre
+  (clipped to the image) and uses the pasted area for the label weights.
+
+  Args:
+    images: float32 [B, H, W, 3], B even, pairs adjacent.
+    labels: int32 [B].
+    pair_seeds: int64 [B, 2], equal within a pair.
+    positions: int64 [B], the examples' positions in the epoch's order.
+    augment: the alphas and class count.
+
+  Returns:
+    (images float32 [B, H, W, 3], soft labels float32 [B, num_classes]),
+    each soft label summing to 1.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  shape = tf.shape(images)
+  h, w = shape[1], shape[2]
+  first, second = images[0::2], images[1::2]
+  onehot = tf.one_hot(labels, augment.num_classes, dtype=tf.float32)
+  draws = tf.map_fn(lambda s: _pair_draws(s, augment), pair_seeds[0::2],
+                    fn_output_signature=tf.float32)
+  use_cutmix = tf.zeros_like(positions[0::2], tf.bool)
+  if augment.cutmix_alpha:
+    use_cutmix = tf.logical_or(
+        augment.mixup_alpha == 0, (positions[0::2] // 2) % 2 == 1)
+  # CutMix box: side ratio sqrt(1 - lambda), centred at a uniform point.
+  ratio = tf.sqrt(1.0 - draws[:, 1])
+  hf, wf = tf.cast(h, tf.float32), tf.cast(w, tf.float32)
+  half_h, half_w = ratio * hf / 2, ratio * wf / 2
+  cy, cx = draws[:, 2] * hf, draws[:, 3] * wf
+  y0 = tf.clip_by_value(tf.round(cy - half_h), 0, hf)
+  y1 = tf.clip_by_value(tf.round(cy + half_h), 0, hf)
+  x0 = tf.clip_by_value(tf.round(cx - half_w), 0, wf)
+  x1 = tf.clip_by_value(tf.round(cx + half_w), 0, wf)
+  rows = tf.range(hf)[None, :, None]
+  cols = tf.range(wf)[None, None, :]
+  inside = ((rows >= y0[:, None, None]) & (rows < y1[:, None, None]) &
+            (cols >= x0[:, None, None]) & (cols < x1[:, None, None]))
+  box = tf.cast(inside, tf.float32)[..., None]
+  cut_lam = 1.0 - (y1 - y0) * (x1 - x0) / (hf * wf)
+  # Per pair: the weight of the example's own image, as a map and a scalar.
+  keep = tf.where(use_cutmix[:, None, None, None], 1.0 - box,
+                  draws[:, 0][:, None, None, None])
+  lam = tf.where(use_cutmix, cut_lam, draws[:, 0])
+  new_first = keep * first + (1.0 - keep) * second
+  new_second = keep * second + (1.0 - keep) * first
+  lam = lam[:, None]
+  y_first = lam * onehot[0::2] + (1.0 - lam) * onehot[1::2]
+  y_second = lam * onehot[1::2] + (1.0 - lam) * onehot[0::2]
+
+  def interleave(a, b):
+    both = tf.stack([a, b], axis=1)
+    return tf.reshape(both, tf.concat([[-1], tf.shape(a)[1:]], 0))
+
+  return (interleave(new_first, new_second), interleave(y_first, y_second))
+
+
+def _eval_example(raw, label, image_size: int, resize: str):
+  """The evaluation transform of `eval_pass`, on one encoded image."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  s = image_size
+  if resize == "squash":
+    image = _decode(raw)
+    image = tf.image.resize(image, [s + 32, s + 32], method="bicubic",
+                            antialias=True)
+  else:
+    shape = _image_shape(raw)
+    side = tf.cast(
+        tf.cast(tf.reduce_min(shape), tf.float32) * s / (s + 32), tf.int32)
+    side = tf.maximum(side, 1)
+    top, left = (shape[0] - side) // 2, (shape[1] - side) // 2
+    image = _decode(raw, tf.stack([top, left, side, side]))
+    image = tf.image.resize(image, [s, s], method="bicubic", antialias=True)
+  # Antialiased bicubic, rounded to uint8 levels, is PIL's BICUBIC to within
+  # one grey level (tests/test_image_folder.py); without antialias, 22 levels.
+  image = tf.clip_by_value(tf.round(image), 0.0, 255.0)
+  if resize == "squash":
+    image = image[16:16 + s, 16:16 + s]
+  return _normalize(image), label
+
+
+def _encoded_stream(source: Source, indices: np.ndarray, chunk: int,
+                    *extra: np.ndarray):
+  """A tf.data.Dataset of (bytes, label, *extra rows) for `indices`, in order.
+
+  Reads `chunk` examples per call of `source.read` in the generator thread;
+  decoding runs in the parallel map that follows.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  def generate():
+    for start in range(0, len(indices), chunk):
+      stop = start + chunk
+      images, labels = source.read(indices[start:stop])
+      rows = [e[start:stop] for e in extra]
+      for k, (image, label) in enumerate(zip(images, labels)):
+        yield (image, label) + tuple(r[k] for r in rows)
+
+  signature = (tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.int32))
+  signature += tuple(tf.TensorSpec(e.shape[1:], tf.as_dtype(e.dtype))
+                     for e in extra)
+  return tf.data.Dataset.from_generator(generate, output_signature=signature)
+
+
+class SourceTrainIterator(arrays.EpochSampler):
+  """Infinite, shuffled, resumable per-process batches decoded by tf.data.
+
+  Streams this process's slices of the rest of the current epoch through one
+  prefetching tf.data pipeline, rebuilt at each epoch and after `set_state`.
+  Yields `{'images': float32 [B, S, S, 3] normalised, 'labels': int32 [B]}`,
+  the labels soft (float32 [B, num_classes]) when MixUp or CutMix is on.
+  """
+
+  def __init__(self, source: Source, global_batch_size: int, *,
+               augment: TrainAugment, seed: int, process_index: int = 0,
+               process_count: int = 1):
+    """Initialises the iterator at the start of epoch 0.
+
+    Args:
+      source: the training examples.
+      global_batch_size: examples per step summed over all processes.
+      augment: the preprocessing.
+      seed: seed for shuffling and augmentation.
+      process_index: index of this process in [0, process_count).
+      process_count: number of processes sharing each global batch.
+
+    Raises:
+      ValueError: for inconsistent batch sizes, or an odd per-process batch
+        with MixUp or CutMix (pairs would straddle processes).
+    """
+    super().__init__(source.num_examples, global_batch_size, seed=seed,
+                     process_index=process_index, process_count=process_count)
+    if augment.mixes and (self.local_batch_size % 2 or
+                          augment.num_classes <= 0):
+      raise ValueError(
+          "MixUp/CutMix need an even per-process batch and num_classes > 0, "
+          f"got {self.local_batch_size} and {augment.num_classes}")
+    self._source = source
+    self._augment = augment
+    self._stream = None
+    self._stream_at = None  # (epoch, batch) the stream yields next.
+
+  def _open_stream(self, epoch: int, batch: int) -> Iterator[Any]:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    local = self.local_batch_size
+    firsts = [self._first_position(k) for k in range(batch,
+                                                     self.steps_per_epoch)]
+    positions = (np.asarray(firsts, np.int64)[:, None] +
+                 np.arange(local)).reshape(-1)
+    files = self._permutation(epoch)[positions].astype(np.int64)
+    # Even counters seed examples, odd ones pairs: the streams never collide.
+    base = epoch * self.num_examples
+    column = np.full(positions.shape, self._seed, np.int64)
+    example_seeds = np.stack([column, 2 * (base + files)], 1)
+    pair_seeds = np.stack([column, 2 * (base + positions // 2) + 1], 1)
+    ds = _encoded_stream(self._source, files, local, example_seeds,
+                         pair_seeds, positions)
+    augment = self._augment
+    ds = ds.map(lambda raw, y, s, ps, pos: _train_example(raw, y, s, augment)
+                + (ps, pos), num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True)
+    ds = ds.batch(local, drop_remainder=True)
+
+    def finish(images, labels, pair_seeds, positions):
+      if augment.mixes:
+        images, labels = mix_pairs(images, labels, pair_seeds, positions,
+                                   augment)
+      return _normalize(images), labels
+
+    ds = ds.map(finish, num_parallel_calls=2, deterministic=True)
+    return iter(ds.prefetch(2).as_numpy_iterator())
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    at = (self._epoch, self._batch)
+    if self._stream is None or self._stream_at != at:
+      self._stream = self._open_stream(*at)
+    images, labels = next(self._stream)
+    self._advance()
+    if self._batch == 0:
+      self._stream = None  # A new epoch: a new permutation.
+    self._stream_at = (self._epoch, self._batch)
+    return {"images": np.asarray(images, np.float32), "labels": labels}
+
+
+def eval_pass(source: Source, global_batch_size: int, *, image_size: int,
+              resize: str = "squash", process_index: int = 0,
+              process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+  """One ordered pass, every example exactly once, as `arrays.eval_batches`.
+
+  Args:
+    source: the evaluation examples.
+    global_batch_size: examples per step summed over all processes.
+    image_size: output resolution S.
+    resize: 'squash' (SPEC.md's `resize_crop_32`: resize to S + 32 ignoring
+      the aspect ratio, centre crop S; what the released weights expect) or
+      'aspect' (centre crop S / (S + 32) of the shorter side, resize to S).
+    process_index: index of this process in [0, process_count).
+    process_count: number of processes sharing each global batch.
+
+  Returns:
+    An iterator of dicts `{'images': float32 [B, S, S, 3], 'labels': int32
+    [B], 'mask': float32 [B]}`, the last global batch zero-padded (mask 0).
+
+  Raises:
+    ValueError: for an unknown `resize` or inconsistent batch sizes.
+  """
+  if resize not in EVAL_RESIZES:
+    raise ValueError(f"unknown eval resize {resize!r}; valid: "
+                     f"{', '.join(EVAL_RESIZES)}")
+  n = source.num_examples
+  local = arrays._local_batch_size(  # pylint: disable=protected-access
+      global_batch_size, process_index, process_count)
+  # This process's real examples of each global batch; the rest is padding.
+  counts, mine = [], []
+  for k in range(arrays.num_eval_batches(n, global_batch_size)):
+    start = k * global_batch_size + process_index * local
+    stop = min(start + local, n)
+    counts.append(max(stop - start, 0))
+    mine.extend(range(start, stop))
+  return _eval_generator(source, np.asarray(mine, np.int64), counts, local,
+                         int(image_size), resize)
+
+
+def _eval_generator(source: Source, indices: np.ndarray, counts: Sequence[int],
+                    local: int, image_size: int,
+                    resize: str) -> Iterator[dict[str, np.ndarray]]:
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  ds = _encoded_stream(source, indices, local)
+  ds = ds.map(lambda raw, y: _eval_example(raw, y, image_size, resize),
+              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  stream = ds.prefetch(local).as_numpy_iterator()
+  for real in counts:
+    images = np.zeros((local, image_size, image_size, 3), np.float32)
+    batch_labels = np.zeros((local,), np.int32)
+    mask = np.zeros((local,), np.float32)
+    for j in range(real):
+      images[j], batch_labels[j] = next(stream)
+    mask[:real] = 1.0
+    yield {"images": images, "labels": batch_labels, "mask": mask}
