@@ -206,25 +206,81 @@ def test_predict_script_on_generated_images(released_file, tmp_path):
   assert "error: cannot read image" in missing.stderr
 
 
-def test_fine_tune_from_released_f0_with_a_new_10_class_head(
+def test_fine_tune_from_released_f0_on_a_10_class_image_folder(
     f0_params, released_file, tmp_path):
+  pytest.importorskip("tensorflow")
   import configs.digits as digits_config  # pylint: disable=g-import-not-at-top
   from nfnets import trainer  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  for k in range(10):
+    os.makedirs(tmp_path / "folder" / f"class_{k}")
+    for i in range(2):
+      pixels = rng.integers(0, 256, (40 + 4 * i, 48, 3), np.uint8)
+      Image.fromarray(pixels).save(tmp_path / "folder" / f"class_{k}" /
+                                   f"{i}.jpg")
   config = digits_config.get_config()
+  config.dataset.update(dict(name="image_folder",
+                             data_dir=str(tmp_path / "folder"),
+                             val_fraction=0.5, num_classes=10))
   config.model.kwargs = dict(drop_path_rate=0.0, dropout_rate=0.0)
   config.init_from = released_file
   config.batch_size = 8
-  config.eval_batch_size = 360
+  config.eval_batch_size = 8
   config.num_steps = 2
   config.log_every_steps = 1
   config.checkpoint.async_save = False
   # A zero learning rate and no decay keep the weights as loaded, so that the
   # checkpoint can be compared with the file; the steps still run.
   config.optimizer.update(dict(base_lr=0.0, weight_decay=0.0))
-  results = trainer.train_and_evaluate(config, str(tmp_path), "train")
-  assert np.isfinite(results["loss"]) and results["eval_examples"] == 359
-  saved = checkpoint.read_params(str(tmp_path))["params"]
+  results = trainer.train_and_evaluate(config, str(tmp_path / "run"),
+                                       "train")
+  assert np.isfinite(results["loss"]) and results["eval_examples"] == 10
+  saved = checkpoint.read_params(str(tmp_path / "run"))["params"]
   head = saved.pop("NFNet/~/linear")
   assert head["w"].shape == (3072, 10) and head["b"].shape == (10,)
   body = {m: v for m, v in f0_params.items() if m != "NFNet/~/linear"}
   _assert_trees_equal(saved, body)
+
+
+def test_evaluate_released_f0_on_a_local_imagenet(f0_params, released_file,
+                                                  tmp_path):
+  """--mode=eval with init_from: the trainer's figures equal a PIL + apply."""
+  pytest.importorskip("tensorflow_datasets")
+  # pylint: disable=g-import-not-at-top
+  import io
+  import fake_imagenet
+  from configs import nfnet
+  from nfnets import trainer
+  from nfnets.data import tfds_source
+  from nfnets.data import transforms
+  # pylint: enable=g-import-not-at-top
+  manual_dir, data_dir = str(tmp_path / "manual"), str(tmp_path / "tfds")
+  fake_imagenet.write_fake_imagenet(manual_dir)
+  config = nfnet.get_config("variant=F0")
+  config.init_from = released_file
+  config.dataset.update(dict(data_dir=data_dir, manual_dir=manual_dir,
+                             image_size=32, eval_image_size=64))
+  config.update(dict(batch_size=8, eval_batch_size=8, precision="float32"))
+  results = trainer.train_and_evaluate(config, str(tmp_path / "run"), "eval")
+  # Independently: PIL's resize_crop_32 of each stored image, then the model.
+  source = tfds_source.load("imagenet2012", "validation", data_dir=data_dir)
+  encoded, labels = source.read(np.arange(source.num_examples))
+  images = np.stack([transforms.resize_crop_32(
+      Image.open(io.BytesIO(e)).convert("RGB"), 64) for e in encoded])
+  model = models.build_model("nfnet_f0")
+  logits, _ = jax.jit(lambda p, x: model.apply(p, {}, None, x,
+                                               is_training=False))(
+                                                   f0_params, images)
+  logits = np.asarray(logits, np.float64)
+  log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True))
+                              .sum(-1, keepdims=True)) - logits.max(
+                                  -1, keepdims=True)
+  loss = -np.mean(log_probs[np.arange(len(labels)), labels])
+  top5 = np.argsort(-logits, -1)[:, :5]
+  assert results["eval_examples"] == len(labels)
+  for prefix in ("", "ema_"):  # Both weights are the file's.
+    # TF and PIL resizes differ by at most one grey level per pixel.
+    np.testing.assert_allclose(results[f"eval_{prefix}loss"], loss, rtol=2e-3)
+    assert results[f"eval_{prefix}top1"] == np.mean(top5[:, 0] == labels)
+    assert results[f"eval_{prefix}top5"] == np.mean(
+        np.any(top5 == labels[:, None], -1))
