@@ -38,7 +38,9 @@ KINDS = ("train", "train_randaugment_mix", "eval")
 _KINDS = flags.DEFINE_list("kinds", list(KINDS), "Pipelines to time.")
 _BATCH = flags.DEFINE_integer("batch_size", 128, "Images per batch.")
 _BATCHES = flags.DEFINE_integer("batches", 8, "Timed batches per run.")
-_NUM_IMAGES = flags.DEFINE_integer("num_images", 512, "JPEGs to generate.")
+_NUM_IMAGES = flags.DEFINE_integer(
+    "num_images", None, "JPEGs to generate; default batch_size * (batches + "
+    "1), what one timed eval pass needs.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "A class-per-folder root to "
                                 "read instead of generated JPEGs.")
 _JSON = flags.DEFINE_bool("json", False, "Print JSON objects, one per line.")
@@ -67,7 +69,8 @@ def _measure(data_dir: str, kind: str, size: int, batch: int,
   from nfnets.data import pipeline  # pylint: disable=g-import-not-at-top
   source = image_folder.ImageFolderSource(data_dir, "train", 0.0)
   if batch * (batches + 1) > source.num_examples and kind == "eval":
-    raise ValueError(f"need {batch * (batches + 1)} images for eval, have "
+    raise ValueError(f"eval needs batch_size * (batches + 1) = "
+                     f"{batch * (batches + 1)} images, {data_dir} has "
                      f"{source.num_examples}")
   if kind == "eval":
     stream = pipeline.eval_pass(source, batch, image_size=size)
@@ -127,7 +130,8 @@ def main(argv):
     data_dir = _DATA_DIR.value
     if not data_dir:
       data_dir = os.path.join(tmp, "jpegs")
-      write_jpegs(data_dir, _NUM_IMAGES.value)
+      write_jpegs(data_dir, _NUM_IMAGES.value or
+                  _BATCH.value * (_BATCHES.value + 1))
     for size in (int(s) for s in _SIZES.value):
       for kind in _KINDS.value:
         for count in cores:

@@ -118,8 +118,8 @@ def _normalize(images):
 def _train_example(raw, label, seed, augment: TrainAugment):
   """Inception crop fused with decoding, resize, flip, RandAugment.
 
-  Returns float32 [S, S, 3] on the 0-255 scale (not yet normalised, so that
-  mixing and normalising happen once per batch) and the label.
+  Returns float32 [S, S, 3] normalised (mixing, an affine blend, commutes
+  with normalising) and the label.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   crop_seed, flip_seed, ra_seed = tf.unstack(
@@ -140,7 +140,7 @@ def _train_example(raw, label, seed, augment: TrainAugment):
                                      augment.randaugment_layers,
                                      augment.randaugment_magnitude)
     image = tf.cast(pixels, tf.float32)
-  return image, label
+  return _normalize(image), label
 
 
 def _beta(seed, alpha: float, shape):
@@ -183,14 +183,20 @@ def mix_pairs(images, labels, pair_seeds, positions, augment: TrainAugment):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   shape = tf.shape(images)
   h, w = shape[1], shape[2]
-  first, second = images[0::2], images[1::2]
-  onehot = tf.one_hot(labels, augment.num_classes, dtype=tf.float32)
-  draws = tf.map_fn(lambda s: _pair_draws(s, augment), pair_seeds[0::2],
+  # [P, 2, ...] views: no strided copies (slow in TF), and both members of a
+  # pair share the weight map `keep` of their own image.
+  pairs = tf.reshape(images, tf.concat([[-1, 2], shape[1:]], 0))
+  onehot = tf.reshape(tf.one_hot(labels, augment.num_classes,
+                                 dtype=tf.float32),
+                      [-1, 2, augment.num_classes])
+  first_positions = tf.reshape(positions, [-1, 2])[:, 0]
+  draws = tf.map_fn(lambda s: _pair_draws(s, augment),
+                    tf.reshape(pair_seeds, [-1, 2, 2])[:, 0],
                     fn_output_signature=tf.float32)
-  use_cutmix = tf.zeros_like(positions[0::2], tf.bool)
+  use_cutmix = tf.zeros_like(first_positions, tf.bool)
   if augment.cutmix_alpha:
-    use_cutmix = tf.logical_or(
-        augment.mixup_alpha == 0, (positions[0::2] // 2) % 2 == 1)
+    use_cutmix = tf.logical_or(augment.mixup_alpha == 0,
+                               (first_positions // 2) % 2 == 1)
   # CutMix box: side ratio sqrt(1 - lambda), centred at a uniform point.
   ratio = tf.sqrt(1.0 - draws[:, 1])
   hf, wf = tf.cast(h, tf.float32), tf.cast(w, tf.float32)
@@ -204,23 +210,21 @@ def mix_pairs(images, labels, pair_seeds, positions, augment: TrainAugment):
   cols = tf.range(wf)[None, None, :]
   inside = ((rows >= y0[:, None, None]) & (rows < y1[:, None, None]) &
             (cols >= x0[:, None, None]) & (cols < x1[:, None, None]))
-  box = tf.cast(inside, tf.float32)[..., None]
+  box = tf.cast(inside, tf.float32)
   cut_lam = 1.0 - (y1 - y0) * (x1 - x0) / (hf * wf)
-  # Per pair: the weight of the example's own image, as a map and a scalar.
-  keep = tf.where(use_cutmix[:, None, None, None], 1.0 - box,
-                  draws[:, 0][:, None, None, None])
-  lam = tf.where(use_cutmix, cut_lam, draws[:, 0])
-  new_first = keep * first + (1.0 - keep) * second
-  new_second = keep * second + (1.0 - keep) * first
-  lam = lam[:, None]
-  y_first = lam * onehot[0::2] + (1.0 - lam) * onehot[1::2]
-  y_second = lam * onehot[1::2] + (1.0 - lam) * onehot[0::2]
-
-  def interleave(a, b):
-    both = tf.stack([a, b], axis=1)
-    return tf.reshape(both, tf.concat([[-1], tf.shape(a)[1:]], 0))
-
-  return (interleave(new_first, new_second), interleave(y_first, y_second))
+  # Per pair: the weight of each member's own image, as a map and a scalar.
+  cut = tf.cast(use_cutmix, tf.float32)
+  keep = (cut[:, None, None] * (1.0 - box) +
+          (1.0 - cut[:, None, None]) * draws[:, 0][:, None, None])
+  keep = keep[:, None, :, :, None]
+  lam = (cut * cut_lam + (1.0 - cut) * draws[:, 0])[:, None, None]
+  # own * keep + other * (1 - keep), with other = pair sum - own.
+  total = tf.reduce_sum(pairs, 1, keepdims=True)
+  mixed = (2.0 * keep - 1.0) * pairs + (1.0 - keep) * total
+  soft = ((2.0 * lam - 1.0) * onehot +
+          (1.0 - lam) * tf.reduce_sum(onehot, 1, keepdims=True))
+  return (tf.reshape(mixed, shape),
+          tf.reshape(soft, [-1, augment.num_classes]))
 
 
 def _eval_example(raw, label, image_size: int, resize: str):
@@ -329,13 +333,11 @@ class SourceTrainIterator(arrays.EpochSampler):
                 deterministic=True)
     ds = ds.batch(local, drop_remainder=True)
 
-    def finish(images, labels, pair_seeds, positions):
-      if augment.mixes:
-        images, labels = mix_pairs(images, labels, pair_seeds, positions,
-                                   augment)
-      return _normalize(images), labels
-
-    ds = ds.map(finish, num_parallel_calls=2, deterministic=True)
+    if augment.mixes:
+      ds = ds.map(lambda *batch: mix_pairs(*batch, augment),
+                  num_parallel_calls=2, deterministic=True)
+    else:
+      ds = ds.map(lambda images, labels, *_: (images, labels))
     return iter(ds.prefetch(2).as_numpy_iterator())
 
   def __next__(self) -> dict[str, np.ndarray]:
