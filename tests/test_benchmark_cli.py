@@ -36,3 +36,23 @@ def test_bad_benchmark_arguments_are_one_line_errors():
   assert "Traceback" not in result.stderr
   result = _benchmark("--model=vgg16")
   assert result.returncode != 0 and "no config family" in result.stderr
+
+
+def test_input_benchmark_times_each_pipeline_per_core():
+  result = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "scripts", "bench_input.py"),
+       "--cores=1", "--sizes=32", "--batch_size=4", "--batches=2", "--json"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  rows = [json.loads(line) for line in result.stdout.strip().splitlines()]
+  assert [r["kind"] for r in rows] == ["train", "train_randaugment_mix",
+                                       "eval"]
+  for row in rows:
+    assert row["size"] == 32 and row["cores"] == 1
+    assert row["images_per_sec"] > 0
+    assert row["per_core"] == row["images_per_sec"]
+  bad = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "scripts", "bench_input.py"),
+       "--kinds=train,fast"], cwd=ROOT, capture_output=True, text=True,
+      timeout=300, check=False)
+  assert bad.returncode != 0 and "unknown --kinds ['fast']" in bad.stderr
