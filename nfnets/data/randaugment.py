@@ -38,66 +38,73 @@ def _blend(degenerate: Tensor, image: Tensor, factor: float) -> Tensor:
   """degenerate + factor * (image - degenerate), clipped and truncated.
 
   Truncation (not rounding) to uint8, in float32, as PIL's Image.blend.
+  `degenerate` is float32, of the shape of `image` or a scalar.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  d = tf.cast(degenerate, tf.float32)
-  out = d + factor * (tf.cast(image, tf.float32) - d)
+  out = degenerate + factor * (tf.cast(image, tf.float32) - degenerate)
   return tf.cast(tf.clip_by_value(out, 0.0, 255.0), tf.uint8)
 
 
-def _luma(image: Tensor) -> Tensor:
-  """int32 [H, W, 1] grey levels, PIL's exact integer RGB -> 'L' formula."""
+def _luma(image: Tensor, channels: int = 1) -> Tensor:
+  """float32 [H, W, channels] grey levels, PIL's integer RGB -> 'L' formula.
+
+  (19595 r + 38470 g + 7471 b + 32768) >> 16, as a matmul: every product and
+  partial sum is an integer below 2**24, so float32 is exact in any order.
+  """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  rgb = tf.cast(image, tf.int32)
-  weighted = rgb * tf.constant([19595, 38470, 7471], tf.int32)
-  return (tf.reduce_sum(weighted, -1, keepdims=True) + 32768) // 65536
+  weights = tf.constant([[19595.0], [38470.0], [7471.0]])
+  rgb = tf.reshape(tf.cast(image, tf.float32), [-1, 3])
+  dot = tf.matmul(rgb, tf.tile(weights, [1, channels]))
+  grey = tf.floor((dot + 32768.0) * (1.0 / 65536.0))
+  return tf.reshape(grey, tf.concat([tf.shape(image)[:2], [channels]], 0))
 
 
-def _degenerate(image: Tensor, op: str) -> Tensor:
-  """The image that an ImageEnhance op blends away from (factor 0)."""
+def _sharpness(image: Tensor, factor: float) -> Tensor:
+  """ImageEnhance.Sharpness: a blend away from PIL's SMOOTH filter.
+
+  The filter, 3x3 [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13, covers the interior
+  only; the one-pixel border of the degenerate image is the original, so the
+  border of the blend is too and only the interior is blended.
+  """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  if op == "Color":
-    return tf.broadcast_to(_luma(image), tf.shape(image))
-  if op == "Contrast":  # A flat image at the rounded mean grey level.
-    mean = tf.reduce_mean(tf.cast(_luma(image), tf.float64))
-    return tf.fill(tf.shape(image), tf.floor(mean + 0.5))
-  if op == "Brightness":
-    return tf.zeros_like(image)
-  # Sharpness: PIL's SMOOTH filter, 3x3 [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13
-  # on the interior; the one-pixel border keeps the original values.
   kernel = tf.constant([[1, 1, 1], [1, 5, 1], [1, 1, 1]], tf.float32) / 13.0
   kernel = tf.tile(kernel[:, :, None, None], [1, 1, 3, 1])
-  inner = tf.nn.depthwise_conv2d(tf.cast(image, tf.float32)[None], kernel,
-                                 [1, 1, 1, 1], "VALID")[0]
-  border = [[1, 1], [1, 1], [0, 0]]
-  interior = tf.pad(tf.ones_like(inner, tf.bool), border)
-  return tf.where(interior, tf.pad(tf.round(inner), border),
-                  tf.cast(image, tf.float32))
+  smooth = tf.nn.depthwise_conv2d(tf.cast(image, tf.float32)[None], kernel,
+                                  [1, 1, 1, 1], "VALID")[0]
+  inner = _blend(tf.round(smooth), image[1:-1, 1:-1], factor)
+  middle = tf.concat([image[1:-1, :1], inner, image[1:-1, -1:]], 1)
+  return tf.concat([image[:1], middle, image[-1:]], 0)
 
 
-def _lut_per_channel(image: Tensor, luts: Tensor) -> Tensor:
-  """Maps each channel c of `image` through `luts[c]` (int [3, 256])."""
+def _channel_index(image: Tensor) -> Tensor:
+  """Flat int32 value + 256 * channel of each element of `image`."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  index = tf.cast(image, tf.int32) + tf.range(3) * 256
-  return tf.cast(tf.gather(tf.reshape(luts, [-1]), index), tf.uint8)
+  # A full-length tiled offset: much faster than broadcasting a [3] vector.
+  offsets = tf.tile(tf.range(0, 768, 256), [tf.size(image) // 3])
+  return tf.reshape(tf.cast(image, tf.int32), [-1]) + offsets
 
 
 def _autocontrast(image: Tensor) -> Tensor:
   """Stretches each channel's [min, max] to [0, 255] (ImageOps.autocontrast)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  lo = tf.cast(tf.reduce_min(image, [0, 1]), tf.float64)[:, None]
-  hi = tf.cast(tf.reduce_max(image, [0, 1]), tf.float64)[:, None]
-  # PIL's float64 scale and offset, truncated, so that results match exactly.
-  scale = 255.0 / tf.maximum(hi - lo, 1.0)
-  levels = tf.range(256, dtype=tf.float64)[None]
-  luts = tf.clip_by_value(tf.floor(levels * scale - lo * scale), 0.0, 255.0)
-  return _lut_per_channel(image, tf.where(hi > lo, luts, levels))
+  lo = tf.cast(tf.reduce_min(image, [0, 1]), tf.float64)
+  hi = tf.cast(tf.reduce_max(image, [0, 1]), tf.float64)
+  # PIL's float64 LUT, floor(v * scale - lo * scale), evaluated per pixel (no
+  # gather); flat channels (hi == lo) are left alone: v * 1 - 0. As lo <= v <=
+  # hi, the result lies in [0, 255] without PIL's clipping.
+  stretch = hi > lo
+  scale = tf.where(stretch, 255.0 / tf.maximum(hi - lo, 1.0), 1.0)
+  offset = tf.where(stretch, lo * scale, 0.0)
+  pixels = tf.size(image) // 3
+  values = tf.cast(tf.reshape(image, [-1]), tf.float64)
+  out = tf.floor(values * tf.tile(scale, [pixels]) - tf.tile(offset, [pixels]))
+  return tf.reshape(tf.cast(out, tf.uint8), tf.shape(image))
 
 
 def _equalize(image: Tensor) -> Tensor:
   """Per-channel histogram equalisation, PIL's ImageOps.equalize LUT."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  index = tf.cast(image, tf.int32) + tf.range(3) * 256
+  index = _channel_index(image)
   hist = tf.reshape(tf.math.bincount(index, minlength=768, maxlength=768),
                     [3, 256])
   last = tf.reduce_max(tf.where(hist > 0, tf.range(256), -1), 1)
@@ -106,18 +113,27 @@ def _equalize(image: Tensor) -> Tensor:
   step = step[:, None]
   cumulative = tf.cumsum(hist, 1, exclusive=True)
   luts = tf.minimum((cumulative + step // 2) // tf.maximum(step, 1), 255)
-  return _lut_per_channel(image, tf.where(step > 0, luts, tf.range(256)[None]))
+  luts = tf.cast(tf.where(step > 0, luts, tf.range(256)[None]), tf.uint8)
+  return tf.reshape(tf.gather(tf.reshape(luts, [-1]), index), tf.shape(image))
 
 
 def _transform(image: Tensor, matrix: list[Any]) -> Tensor:
-  """Projective warp, [a0, a1, a2, b0, b1, b2] mapping output to input x, y."""
+  """Projective warp, [a0, a1, a2, b0, b1, b2] mapping output to input x, y.
+
+  The kernel warps a map of pixel numbers (1 + y W + x; 0, the fill, selects
+  a grey pixel) rather than the image: one lookup per pixel, not per channel.
+  """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   transform = tf.stack([tf.cast(v, tf.float32) for v in matrix] + [0.0, 0.0])
-  out = tf.raw_ops.ImageProjectiveTransformV3(
-      images=image[None], transforms=transform[None],
-      output_shape=tf.shape(image)[:2], fill_value=float(FILL),
-      interpolation="NEAREST", fill_mode="CONSTANT")
-  return out[0]
+  size = tf.shape(image)[:2]
+  numbers = tf.reshape(tf.range(1, size[0] * size[1] + 1),
+                       [1, size[0], size[1], 1])
+  source = tf.raw_ops.ImageProjectiveTransformV3(
+      images=numbers, transforms=transform[None], output_shape=size,
+      fill_value=0.0, interpolation="NEAREST", fill_mode="CONSTANT")
+  grey = tf.fill([1, 3], tf.constant(FILL, tf.uint8))
+  pixels = tf.concat([grey, tf.reshape(image, [-1, 3])], 0)
+  return tf.gather(pixels, source[0, :, :, 0])
 
 
 def _rotate(image: Tensor, radians: Tensor) -> Tensor:
@@ -133,15 +149,41 @@ def _rotate(image: Tensor, radians: Tensor) -> Tensor:
 def _cutout(image: Tensor, half: int, seed: Tensor) -> Tensor:
   """Greys the (2 half)^2 square, clipped to the image, at a uniform centre."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  if half <= 0:
+    return image
   size = tf.shape(image)[:2]
   u = tf.random.stateless_uniform([2], seed)
   centre = tf.cast(tf.floor(u * tf.cast(size, tf.float32)), tf.int32)
-  # Row and column offsets from the centre; the square is [c - half, c + half).
-  dy = tf.range(size[0]) - centre[0]
-  dx = tf.range(size[1]) - centre[1]
-  inside = ((dy >= -half) & (dy < half))[:, None, None] & (
-      (dx >= -half) & (dx < half))[None, :, None]
-  return tf.where(inside, tf.constant(FILL, tf.uint8), image)
+  # The square is [c - half, c + half) in rows and columns, clipped.
+  (y0, x0), (y1, x1) = (tf.unstack(tf.clip_by_value(centre + d, 0, size))
+                        for d in (-half, half))
+  grey = tf.fill([y1 - y0, x1 - x0, tf.shape(image)[2]],
+                 tf.constant(FILL, tf.uint8))
+  band = tf.concat([image[y0:y1, :x0], grey, image[y0:y1, x1:]], 1)
+  return tf.concat([image[:y0], band, image[y1:]], 0)
+
+
+def _solarize(image: Tensor, threshold: int) -> Tensor:
+  """Inverts values >= threshold; 255 - v is v ^ 255 on uint8."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  if threshold <= 0:
+    return 255 - image
+  if threshold > 255:
+    return image
+  flip = tf.cast(image >= tf.constant(threshold, tf.uint8), tf.uint8) * 255
+  return tf.bitwise.bitwise_xor(image, flip)
+
+
+def _solarize_add(image: Tensor, addition: int) -> Tensor:
+  """Adds `addition` to values below 128, saturating at 0 and 255."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  low = tf.cast(image < tf.constant(128, tf.uint8), tf.uint8)
+  step = tf.constant(min(abs(addition), 255), tf.uint8)
+  # uint8 throughout: adds min(step, 255 - v) (or subtracts min(step, v)) where
+  # v < 128, 0 elsewhere.
+  if addition >= 0:
+    return image + tf.minimum(low * step, 255 - image)
+  return image - tf.minimum(low * step, image)
 
 
 def apply_op(image: Tensor, op_name: str, magnitude: float,
@@ -160,8 +202,8 @@ def apply_op(image: Tensor, op_name: str, magnitude: float,
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   image = tf.convert_to_tensor(image, tf.uint8)
   level = magnitude / MAX_LEVEL
-  x = tf.cast(image, tf.int32)
   sign = tf.where(tf.random.stateless_uniform([], seed) < 0.5, -1.0, 1.0)
+  factor = 0.1 + 1.8 * level  # The ImageEnhance ops.
   if op_name == "AutoContrast":
     out = _autocontrast(image)
   elif op_name == "Equalize":
@@ -172,14 +214,21 @@ def apply_op(image: Tensor, op_name: str, magnitude: float,
     out = _rotate(image, sign * math.radians(30.0 * level))
   elif op_name == "Posterize":  # Keeps the top `bits` bits of each value.
     shift = 8 - min(max(int(4 * level), 0), 8)
-    out = tf.cast(x // 2**shift * 2**shift, tf.uint8)
+    out = tf.bitwise.bitwise_and(image, tf.constant(0xFF >> shift << shift,
+                                                    tf.uint8))
   elif op_name == "Solarize":
-    out = tf.where(x < int(256 * level), image, 255 - image)
+    out = _solarize(image, int(256 * level))
   elif op_name == "SolarizeAdd":
-    added = tf.cast(tf.clip_by_value(x + int(110 * level), 0, 255), tf.uint8)
-    out = tf.where(x < 128, added, image)
-  elif op_name in ("Color", "Contrast", "Brightness", "Sharpness"):
-    out = _blend(_degenerate(image, op_name), image, 0.1 + 1.8 * level)
+    out = _solarize_add(image, int(110 * level))
+  elif op_name == "Color":
+    out = _blend(_luma(image, 3), image, factor)
+  elif op_name == "Contrast":  # Towards the rounded mean grey level.
+    mean = tf.reduce_mean(tf.cast(_luma(image), tf.float64))
+    out = _blend(tf.cast(tf.floor(mean + 0.5), tf.float32), image, factor)
+  elif op_name == "Brightness":  # Towards black.
+    out = _blend(0.0, image, factor)
+  elif op_name == "Sharpness":
+    out = _sharpness(image, factor)
   elif op_name == "ShearX":
     out = _transform(image, [1.0, sign * 0.3 * level, 0.0, 0.0, 1.0, 0.0])
   elif op_name == "ShearY":
