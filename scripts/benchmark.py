@@ -6,7 +6,7 @@
 The step is the one `experiments/train.py` runs (`nfnets.train`), built from
 the model family's config (the NFNet recipe: bfloat16 compute, float32 master
 weights, AGC, SGD + Nesterov, weight decay, EMA, stochastic depth, label
-smoothing). Prints compile time, median step time, images/s, achieved TFLOP/s
+smoothing on MixUp/CutMix soft labels). Prints compile time, median step time, images/s, achieved TFLOP/s
 and MFU (model FLOPs from the analytic MAC count: 2 FLOPs per MAC, x3 for a
 training step), and peak device memory. `--smoke` shrinks the model (1/8
 widths, one block per stage) so that it runs on a CPU in seconds;
@@ -103,8 +103,13 @@ def main(argv):
   except ValueError as e:
     raise SystemExit(f"error: {e}") from None
   config.batch_size = config.eval_batch_size = _BATCH.value
+  # Synthetic data stands in for the dataset (host-side augmentation is
+  # scripts/bench_input.py's); with MixUp/CutMix the step gets soft labels.
+  soft_labels = bool(config.dataset.mixup_alpha or config.dataset.cutmix_alpha)
   config.dataset.update(dict(name="digits", image_size=_IMAGE.value,
-                             eval_image_size=_IMAGE.value))
+                             eval_image_size=_IMAGE.value,
+                             randaugment_layers=0, mixup_alpha=0.0,
+                             cutmix_alpha=0.0))
   config.precision = _PRECISION.value
   if _SMOKE.value:
     kwargs = dict(config.model.kwargs, width_multiplier=0.125,
@@ -133,6 +138,12 @@ def main(argv):
            "mask": np.ones((_BATCH.value,), np.float32)}
   if _MODE.value == "train":
     del batch["mask"]
+    if soft_labels:  # As MixUp/CutMix make them: two classes per example.
+      pair = np.roll(batch["labels"], 1)
+      lam = rng.uniform(size=(_BATCH.value, 1)).astype(np.float32)
+      batch["labels"] = (
+          lam * np.eye(num_classes, dtype=np.float32)[batch["labels"]] +
+          (1 - lam) * np.eye(num_classes, dtype=np.float32)[pair])
     step = train.make_train_step(model, optimizer, schedule, config, mesh)
   else:
     step = train.make_eval_step(model, config, mesh)
