@@ -130,6 +130,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ValueError(message)
 
   ds = config.dataset
+  if ds.name not in DATASETS:
+    # Imports TensorFlow, which a TFDS dataset needs anyway.
+    from nfnets.data import tfds_source  # pylint: disable=g-import-not-at-top
+    tfds_source.check_name(ds.name)
   if ds.name == "digits":
     need(not (ds.randaugment_layers or ds.mixup_alpha or ds.cutmix_alpha),
          "RandAugment, MixUp and CutMix need an image dataset (image_folder "
@@ -144,10 +148,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     need(ds.eval_resize in ("squash", "aspect"),
          f"unknown dataset.eval_resize {ds.eval_resize!r}; valid: squash, "
          "aspect")
-  if ds.name not in DATASETS:
-    # Imports TensorFlow, which a TFDS dataset needs anyway.
-    from nfnets.data import tfds_source  # pylint: disable=g-import-not-at-top
-    tfds_source.check_name(ds.name)
   models.get_constructor(config.model.name)
   need(config.batch_size > 0 and config.eval_batch_size > 0,
        "batch_size and eval_batch_size must be positive")

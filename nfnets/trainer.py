@@ -138,7 +138,8 @@ def _restore_or_init(config, ckpt, abstract, init_fn, train_iter, optimizer,
   restored = ckpt.restore_latest(abstract)
   if restored is not None:
     state, data_state = restored
-    train_iter.set_state(data_state)
+    if train_iter is not None:
+      train_iter.set_state(data_state)
     logging.info("resumed from %s at step %d", ckpt.directory,
                  int(state.step))
     return state
@@ -183,8 +184,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   model = models.build_model(config.model.name,
                              num_classes=config.dataset.num_classes,
                              **config.model.kwargs)
-  train_iter = data.train_iterator(config)
-  steps_per_epoch = train_iter.steps_per_epoch
+  # Evaluation reads no training data (an image folder's listing checks every
+  # file); its schedule only shapes the optimizer state to restore into.
+  train_iter = None if mode == "eval" else data.train_iterator(config)
+  steps_per_epoch = train_iter.steps_per_epoch if train_iter else 1
   total_steps = config.num_steps or math.ceil(config.num_epochs *
                                               steps_per_epoch)
   schedule = optim.learning_rate_schedule(config, total_steps, steps_per_epoch)

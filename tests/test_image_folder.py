@@ -105,3 +105,14 @@ def test_trainer_and_digits_data_do_not_import_tensorflow():
           "assert 'tensorflow' not in sys.modules, 'TF imported'")
   subprocess.run([sys.executable, "-c", code], check=True,
                  env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def test_missing_tensorflow_is_a_one_line_error(folder, monkeypatch):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  from configs import digits  # pylint: disable=g-import-not-at-top
+  from nfnets import data  # pylint: disable=g-import-not-at-top
+  config = digits.get_config()
+  config.dataset.update(dict(name="image_folder", data_dir=folder))
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+  with pytest.raises(ValueError, match=r"needs TensorFlow: pip install -e "):
+    data.train_iterator(config)

@@ -261,6 +261,8 @@ def test_evaluate_released_f0_on_a_local_imagenet(f0_params, released_file,
   config.dataset.update(dict(data_dir=data_dir, manual_dir=manual_dir,
                              image_size=32, eval_image_size=64))
   config.update(dict(batch_size=8, eval_batch_size=8, precision="float32"))
+  # Evaluation never opens the training split.
+  config.dataset.train_split = "no_such_split"
   results = trainer.train_and_evaluate(config, str(tmp_path / "run"), "eval")
   # Independently: PIL's resize_crop_32 of each stored image, then the model.
   source = tfds_source.load("imagenet2012", "validation", data_dir=data_dir)

@@ -16,6 +16,7 @@ TensorFlow is imported only for the image folder and TFDS sources.
 """
 
 import functools
+import importlib.util
 from typing import Iterator
 
 import jax
@@ -30,6 +31,9 @@ IN_MEMORY = ("digits",)
 def _source(config: ml_collections.ConfigDict, train: bool):
   """The random-access source of the train or eval split."""
   ds = config.dataset
+  if importlib.util.find_spec("tensorflow") is None:
+    raise ValueError(f"dataset {ds.name!r} needs TensorFlow: pip install -e "
+                     "'.[imagenet]'")
   # Lazy: only these sources need TensorFlow.
   if ds.name == "image_folder":
     from nfnets.data import image_folder  # pylint: disable=g-import-not-at-top

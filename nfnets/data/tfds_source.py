@@ -68,7 +68,11 @@ def _tfds() -> Any:
     else:
       sys.modules.setdefault("importlib_resources",
                              sys.modules["importlib.resources"])
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ValueError(f"TFDS datasets need tensorflow-datasets ({e}): pip "
+                     "install -e '.[imagenet]'") from None
   return tfds
 
 
