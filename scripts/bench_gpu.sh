@@ -18,3 +18,10 @@ bench() { python3 scripts/benchmark.py --json "$@" 2>/tmp/err.txt | tee -a "$log
 bench --model=nfnet_f0 --batch_size=256 --image_size=192 --steps=30
 bench --model=nfnet_f0 --batch_size=256 --image_size=256 --steps=20 --mode=eval
 bench --model=nfnet_f0 --batch_size=512 --image_size=192 --steps=15
+# Memory: the same step with rematerialised blocks, then the largest batches
+# (an out-of-memory failure prints its last error lines instead of JSON).
+bench --model=nfnet_f0 --batch_size=256 --image_size=192 --steps=20 --remat
+for batch in 1024 2048; do
+  bench --model=nfnet_f0 --batch_size=$batch --image_size=192 --steps=5
+  bench --model=nfnet_f0 --batch_size=$batch --image_size=192 --steps=5 --remat
+done

@@ -10,7 +10,8 @@ smoothing on MixUp/CutMix soft labels). Prints compile time, median step time, i
 and MFU (model FLOPs from the analytic MAC count: 2 FLOPs per MAC, x3 for a
 training step), and peak device memory. `--smoke` shrinks the model (1/8
 widths, one block per stage) so that it runs on a CPU in seconds;
-`--trace_dir` also records a profile of 3 steps.
+`--trace_dir` also records a profile of 3 steps; `--remat` measures the
+rematerialising model (`model.kwargs.remat=True`).
 """
 
 import json
@@ -45,6 +46,9 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "Which step.")
 _PRECISION = flags.DEFINE_enum("precision", "bfloat16",
                                ["bfloat16", "float32"], "Compute dtype.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny widths and depths.")
+_REMAT = flags.DEFINE_bool("remat", False, "Recompute block activations in "
+                           "the backward pass (model.kwargs.remat; NFNets "
+                           "and NF-ResNets): less memory, larger batches.")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
 _TRACE_DIR = flags.DEFINE_string(
     "trace_dir", None, "If set, also profile 3 steps with jax.profiler into "
@@ -117,6 +121,8 @@ def main(argv):
     if _MODEL.value.startswith("nfnet"):
       kwargs["group_width"] = 16
     config.model.kwargs = kwargs
+  if _REMAT.value:
+    config.model.kwargs = dict(config.model.kwargs, remat=True)
   try:
     experiment.validate(config)
     mesh = parallel.make_mesh()
@@ -185,7 +191,7 @@ def main(argv):
   result = {
       "model": config.model.name, "mode": _MODE.value,
       "image_size": _IMAGE.value, "batch_size": _BATCH.value,
-      "precision": _PRECISION.value,
+      "precision": _PRECISION.value, "remat": _REMAT.value,
       "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
       "compile_s": round(compile_s, 2), "step_ms": round(step_s * 1e3, 3),
       "images_per_sec": round(_BATCH.value / step_s, 1),

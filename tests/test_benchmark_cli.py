@@ -22,6 +22,7 @@ def test_train_step_benchmark_json():
   info = json.loads(result.stdout.strip().splitlines()[-1])
   assert info["model"] == "nfnet_f0" and info["mode"] == "train"
   assert info["batch_size"] == 16 and info["image_size"] == 32
+  assert info["remat"] is False
   assert info["device"] == "8 x cpu"
   assert info["step_ms"] > 0 and info["compile_s"] > 0
   assert abs(info["images_per_sec"] * info["step_ms"] / 1e3 - 16) < 0.1

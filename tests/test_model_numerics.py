@@ -252,3 +252,38 @@ def test_resnet_batch_norm_state_updates_only_in_training():
   jax.tree.map(np.testing.assert_array_equal, evaluated, state)
 
 
+
+
+@pytest.mark.parametrize("name, overrides", [
+    ("nfnet_f0", NFNET_SMALL), ("nf_resnet26", NF_RESNET_SMALL)])
+def test_remat_same_params_and_gradients_less_memory(name, overrides):
+  overrides = dict(overrides, drop_path_rate=0.0, dropout_rate=0.0)
+  params, _ = init_model(name, num_classes=10, **overrides)
+  params = set_skip_gains(params, 0.5)
+  images = jax.random.normal(jax.random.PRNGKey(1), (8, 64, 64, 3))
+  labels = jnp.arange(8) % 10
+  grads, residuals = [], []
+  for remat in (False, True):
+    model = models.build_model(name, num_classes=10, remat=remat, **overrides)
+    # Same names and shapes: checkpoints and released weights still load.
+    shapes = jax.eval_shape(
+        lambda x, m=model: m.init(jax.random.PRNGKey(0), x,
+                                  is_training=True)[0], images)
+    assert jax.tree.map(jnp.shape, shapes) == jax.tree.map(jnp.shape, params)
+
+    def loss(p, m=model):
+      logits, _ = m.apply(p, {}, jax.random.PRNGKey(2), images,
+                          is_training=True)
+      return jnp.mean(jax.nn.logsumexp(logits, -1) -
+                      jnp.take_along_axis(logits, labels[:, None], -1)[:, 0])
+
+    grads.append(fast_jit(jax.value_and_grad(loss))(params))
+    # What the forward pass keeps for the backward one: the vjp's residuals.
+    kept = fast_jit(lambda p, f=loss: jax.tree.leaves(jax.vjp(f, p)[1]))
+    residuals.append(sum(x.nbytes for x in kept(params)))
+  np.testing.assert_allclose(grads[1][0], grads[0][0], rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(grads[1][1]), jax.tree.leaves(grads[0][1])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  # Measured: 0.45 (NFNet), 0.31 (NF-ResNet) of the bytes without remat. (XLA
+  # CPU reports the same temp memory either way; measure on a GPU.)
+  assert residuals[1] < 0.6 * residuals[0], residuals

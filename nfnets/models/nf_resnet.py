@@ -73,15 +73,16 @@ class NFResBlock(hk.Module):
 
 
 class NFResNet(hk.Module):
-  """NF-ResNet-26 to -288 classifier (NHWC input)."""
+  """NF-ResNet-26 to -288 classifier (NHWC input); `remat` as for NFNet."""
 
   def __init__(self, num_classes: int = 1000, depth: int = 50, *,
                width_multiplier: float = 1.0,
                activation: Union[str, layers.Activation] = "relu",
                alpha: float = 0.2, drop_path_rate: float = 0.1,
                dropout_rate: float = 0.25, standardize: bool = True,
-               name: str = "NFResNet"):
+               remat: bool = False, name: str = "NFResNet"):
     super().__init__(name=name)
+    self.remat = remat
     depths = check_depth(depth)
     widths = [int(w * width_multiplier) for w in WIDTHS]
     if min(widths) < 4:
@@ -113,7 +114,7 @@ class NFResNet(hk.Module):
     nfnet.check_image(images, TOTAL_STRIDE)
     out = hk.max_pool(self.stem(images), (1, 3, 3, 1), (1, 2, 2, 1), "SAME")
     out, metrics = nfnet.apply_blocks(self.blocks, self.block_stages, out,
-                                         is_training)
+                                      is_training, self.remat)
     logits = nfnet.classify(self.activation(out), self.classifier,
                             self.dropout_rate, is_training)
     if not return_metrics:

@@ -7,6 +7,7 @@ parameter names follow the released DeepMind checkpoints
 """
 
 import dataclasses
+import functools
 from typing import Optional, Sequence, Union
 
 import haiku as hk
@@ -120,6 +121,8 @@ class NFNet(hk.Module):
   `width_multiplier` scales the stage widths, `group_width` sets the grouped
   convs' group size (small values give tiny models), `depths` overrides the
   blocks per stage and `standardize=False` replaces WS convs with plain ones.
+  `remat=True` recomputes block activations in the backward pass
+  (`apply_blocks`), trading compute for memory: larger batches fit.
   """
 
   def __init__(self, num_classes: int = 1000, variant: str = "F0", *,
@@ -128,8 +131,10 @@ class NFNet(hk.Module):
                activation: Union[str, layers.Activation] = "gelu",
                alpha: float = 0.2, drop_path_rate: float = 0.25,
                dropout_rate: Optional[float] = None, se_ratio: float = 0.5,
-               standardize: bool = True, name: str = "NFNet"):
+               standardize: bool = True, remat: bool = False,
+               name: str = "NFNet"):
     super().__init__(name=name)
+    self.remat = remat
     row, base_widths = parse_variant(variant)
     depths = tuple(depths) if depths is not None else row.depths
     if len(depths) != len(STRIDES) or min(depths) < 1:
@@ -203,7 +208,7 @@ class NFNet(hk.Module):
       if i < len(self.stem) - 1:
         out = self.activation(out)
     out, metrics = apply_blocks(self.blocks, self.block_stages, out,
-                                   is_training)
+                                is_training, self.remat)
     out = self.activation(self.final_conv(out))
     logits = classify(out, self.classifier, self.dropout_rate, is_training)
     if not return_metrics:
@@ -231,7 +236,8 @@ def classify(features: jax.Array, classifier: hk.Module, dropout_rate: float,
   return classifier(pooled)
 
 
-def apply_blocks(blocks, stages, x: jax.Array, is_training: bool):
+def apply_blocks(blocks, stages, x: jax.Array, is_training: bool,
+                 remat: bool = False):
   """Runs residual blocks, collecting the per-block signal metrics.
 
   Args:
@@ -239,6 +245,9 @@ def apply_blocks(blocks, stages, x: jax.Array, is_training: bool):
     stages: the stage index of each block.
     x: the input to the first block.
     is_training: passed to each block.
+    remat: recompute each block's activations in the backward pass
+      (`hk.remat`) instead of storing them: only block inputs stay in
+      memory, for about one more forward pass of compute.
 
   Returns:
     The last block's output and a dict of per-block arrays: `avg_sq_mean` and
@@ -247,7 +256,8 @@ def apply_blocks(blocks, stages, x: jax.Array, is_training: bool):
   """
   sq_means, variances, res_vars = [], [], []
   for block in blocks:
-    x, res_var = block(x, is_training)
+    call = functools.partial(block, is_training=is_training)
+    x, res_var = (hk.remat(call) if remat else call)(x)
     sq_mean, var = layers.signal_metrics(x)
     sq_means.append(sq_mean)
     variances.append(var)
