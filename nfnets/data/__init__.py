@@ -25,8 +25,6 @@ import ml_collections
 from nfnets.data import arrays
 from nfnets.data import digits
 
-IN_MEMORY = ("digits",)
-
 
 def _source(config: ml_collections.ConfigDict, train: bool):
   """The random-access source of the train or eval split."""
@@ -34,21 +32,30 @@ def _source(config: ml_collections.ConfigDict, train: bool):
   if importlib.util.find_spec("tensorflow") is None:
     raise ValueError(f"dataset {ds.name!r} needs TensorFlow: pip install -e "
                      "'.[imagenet]'")
-  # Lazy: only these sources need TensorFlow.
   if ds.name == "image_folder":
-    from nfnets.data import image_folder  # pylint: disable=g-import-not-at-top
-    source = image_folder.ImageFolderSource(
-        ds.data_dir, "train" if train else "val", ds.val_fraction)
+    split = "train" if train else "val"
   else:
-    from nfnets.data import tfds_source  # pylint: disable=g-import-not-at-top
-    source = tfds_source.open_split(
-        ds.name, ds.train_split if train else ds.eval_split,
-        data_dir=ds.data_dir, manual_dir=ds.manual_dir,
-        may_prepare=jax.process_count() == 1)
+    split = ds.train_split if train else ds.eval_split
+  source = _open_source(ds.name, split, ds.data_dir, ds.manual_dir,
+                        ds.val_fraction, jax.process_count() == 1)
   if source.num_classes > ds.num_classes:
     raise ValueError(f"{ds.name} in {ds.data_dir!r} has {source.num_classes} "
                      f"classes but dataset.num_classes is {ds.num_classes}")
   return source
+
+
+@functools.lru_cache(maxsize=4)
+def _open_source(name: str, split: str, data_dir: str, manual_dir: str,
+                 val_fraction: float, may_prepare: bool):
+  """Opens a source once per process: each evaluation reuses the listing."""
+  # Lazy: only these sources need TensorFlow.
+  if name == "image_folder":
+    from nfnets.data import image_folder  # pylint: disable=g-import-not-at-top
+    return image_folder.ImageFolderSource(data_dir, split, val_fraction)
+  from nfnets.data import tfds_source  # pylint: disable=g-import-not-at-top
+  return tfds_source.open_split(name, split, data_dir=data_dir,
+                                manual_dir=manual_dir,
+                                may_prepare=may_prepare)
 
 
 def train_iterator(config: ml_collections.ConfigDict) -> arrays.EpochSampler:
