@@ -25,3 +25,9 @@ for batch in 1024 2048; do
   bench --model=nfnet_f0 --batch_size=$batch --image_size=192 --steps=5
   bench --model=nfnet_f0 --batch_size=$batch --image_size=192 --steps=5 --remat
 done
+# Where the F0 step's time goes: a 3-step profile summed per kernel.
+trace_dir=${OUT:-/tmp}/trace
+python3 scripts/benchmark.py --model=nfnet_f0 --batch_size=256 --image_size=192 \
+  --steps=10 --trace_dir="$trace_dir" > /dev/null 2>/tmp/err.txt || tail -3 /tmp/err.txt
+trace=$(find "$trace_dir" -name "*trace.json.gz" | head -1)
+[ -n "$trace" ] && python3 scripts/kernel_times.py "$trace" --top=40
