@@ -11,8 +11,10 @@ decay 2e-5 on weights only, AGC 0.01 on all but the classifier, label
 smoothing 0.1, bfloat16 compute, EMA 0.99999, train/test resolution, dropout
 and stochastic depth 0.25 per variant; Inception crop, flip, RandAugment
 (layers, magnitude) per variant, MixUp (alpha 0.2) on half of the pairs and
-CutMix (alpha 1) on the other half; `resize_crop_32` evaluation. `smoke=True` swaps in a tiny model on
-the bundled digits data, to check a set-up end to end in a minute.
+CutMix (alpha 1) on the other half; `resize_crop_32` evaluation. `smoke=True`
+swaps in a tiny model on the bundled digits data, to check a set-up end to
+end in a minute. ImageNet comes from TFDS: `dataset.manual_dir` holds the
+ILSVRC2012 tars, prepared once into `dataset.data_dir` (nfnets/data).
 
 `get_sweep` ships F0 to F7 at their resolutions (experiments/sweep.py).
 """

@@ -6,12 +6,12 @@
 The step is the one `experiments/train.py` runs (`nfnets.train`), built from
 the model family's config (the NFNet recipe: bfloat16 compute, float32 master
 weights, AGC, SGD + Nesterov, weight decay, EMA, stochastic depth, label
-smoothing on MixUp/CutMix soft labels). Prints compile time, median step time, images/s, achieved TFLOP/s
-and MFU (model FLOPs from the analytic MAC count: 2 FLOPs per MAC, x3 for a
-training step), and peak device memory. `--smoke` shrinks the model (1/8
-widths, one block per stage) so that it runs on a CPU in seconds;
-`--trace_dir` also records a profile of 3 steps; `--remat` measures the
-rematerialising model (`model.kwargs.remat=True`).
+smoothing on MixUp/CutMix soft labels). Prints compile time, median step time,
+images/s, achieved TFLOP/s and MFU (model FLOPs from the analytic MAC count: 2
+FLOPs per MAC, x3 for a training step), and peak device memory. `--smoke`
+shrinks the model (1/8 widths, one block per stage) so that it runs on a CPU in
+seconds; `--trace_dir` also records a profile of 3 steps; `--remat` measures
+the rematerialising model (`model.kwargs.remat=True`).
 """
 
 import json

@@ -154,8 +154,11 @@ def _pair_draws(seed, augment: TrainAugment):
   """One pair's random numbers: [mixup lambda, cutmix lambda, cy, cx]."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   seeds = tf.random.experimental.stateless_split(seed, 3)
-  mix = _beta(seeds[0], augment.mixup_alpha, []) if augment.mixup_alpha else 1.
-  cut = _beta(seeds[1], augment.cutmix_alpha, []) if augment.cutmix_alpha else 1.
+  mix = cut = 1.0
+  if augment.mixup_alpha:
+    mix = _beta(seeds[0], augment.mixup_alpha, [])
+  if augment.cutmix_alpha:
+    cut = _beta(seeds[1], augment.cutmix_alpha, [])
   centre = tf.random.stateless_uniform([2], seeds[2])
   return tf.stack([tf.cast(mix, tf.float32), tf.cast(cut, tf.float32),
                    centre[0], centre[1]])

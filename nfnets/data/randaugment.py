@@ -1,16 +1,17 @@
 """RandAugment (Cubuk et al., 2019) in TensorFlow, the NFNet training policy.
 
-The policy of the TPU EfficientNet / NFNet `distort_image_with_randaugment`:
-16 ops, one shared magnitude on a 0..10 scale (`MAX_LEVEL`; larger values
-extrapolate linearly, NFNet-F3+ use 15), `num_layers` ops applied in turn,
-each picked uniformly and always applied (the reference draws a probability
-p ~ U[0.2, 0.8] per layer but never uses it; so does the paper). Geometric ops sample with nearest
-neighbour, as the reference, and fill with grey 128; rotate, shear and
-translate get a random sign. The photometric ops match PIL's ImageOps /
-ImageEnhance bit for bit (tests/test_randaugment.py), Contrast included (the
-reference blends towards pixel count / 256 instead of the mean grey level).
-Magnitudes map as in the reference, so Posterize keeps `int(4 m / 10)` bits
-and Solarize inverts from `int(256 m / 10)` up: both weaken as m grows.
+The policy of the TPU EfficientNet / NFNet `distort_image_with_randaugment`: 16
+ops, one shared magnitude on a 0..10 scale (`MAX_LEVEL`; larger values
+extrapolate linearly, NFNet-F3+ use 15), `num_layers` ops applied in turn, each
+picked uniformly and always applied (the reference draws a probability p ~
+U[0.2, 0.8] per layer but never uses it, and the paper applies every op).
+Geometric ops sample with nearest neighbour, as the reference, and fill with
+grey 128; rotate, shear and translate get a random sign. The photometric ops
+match PIL's ImageOps / ImageEnhance bit for bit (tests/test_randaugment.py),
+Contrast included (the reference blends towards pixel count / 256 instead of
+the mean grey level). Magnitudes map as in the reference, so Posterize keeps
+`int(4 m / 10)` bits and Solarize inverts from `int(256 m / 10)` up: both
+weaken as m grows.
 
 Randomness is stateless: the output depends only on (image, seed), so it is
 the same eagerly, in any `tf.data` map and on any host. TensorFlow is imported
