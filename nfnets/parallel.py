@@ -77,3 +77,21 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> Any:
   sharding = NamedSharding(mesh, P(AXIS))
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+def check_same_across_processes(value: int, what: str) -> None:
+  """Raises ValueError unless every process passes the same `value`.
+
+  A collective: every process must call it at the same point.
+
+  Args:
+    value: an integer this process computed (e.g. a dataset's size).
+    what: what the value is, for the message.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  values = multihost_utils.process_allgather(np.asarray(value, np.int64))
+  values = [int(v) for v in np.ravel(values)]
+  if len(set(values)) > 1:
+    raise ValueError(f"processes disagree on {what}: {values} (by process)")

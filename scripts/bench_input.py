@@ -78,7 +78,8 @@ def _measure(data_dir: str, kind: str, size: int, batch: int,
     extras = {}
     if kind == "train_randaugment_mix":
       extras = dict(randaugment_layers=4, randaugment_magnitude=5.0,
-                    mixup_alpha=0.2, cutmix_alpha=1.0, num_classes=4)
+                    mixup_alpha=0.2, cutmix_alpha=1.0,
+                    num_classes=source.num_classes)
     augment = pipeline.TrainAugment(image_size=size, **extras)
     stream = pipeline.SourceTrainIterator(source, batch, augment=augment,
                                           seed=0)
@@ -108,8 +109,8 @@ def _run_pinned(data_dir: str, kind: str, size: int, cores: int) -> dict:
       command, capture_output=True, text=True, check=False,
       preexec_fn=lambda: os.sched_setaffinity(0, available[:cores]))
   if result.returncode:
-    raise RuntimeError(f"{kind} at {size} px on {cores} cores failed: "
-                       f"{result.stderr.strip().splitlines()[-1]}")
+    last = (result.stderr.strip().splitlines() or ["no error output"])[-1]
+    raise RuntimeError(f"{kind} at {size} px on {cores} cores failed: {last}")
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 

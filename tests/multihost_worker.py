@@ -19,6 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+from nfnets import parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
 from nfnets import trainer  # pylint: disable=g-import-not-at-top,wrong-import-position
 import configs.digits as digits_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -49,6 +50,13 @@ def main():
   args = parser.parse_args()
   results = trainer.train_and_evaluate(make_config(args.distributed),
                                        args.workdir, "train")
+  # The data sources' cross-process consistency check, both ways.
+  parallel.check_same_across_processes(7, "seven")
+  try:
+    parallel.check_same_across_processes(jax.process_index(), "the index")
+    print("index check passed", flush=True)
+  except ValueError as e:
+    print(f"index check: {e}", flush=True)
   print(f"process {jax.process_index()} of {jax.process_count()} with "
         f"{jax.device_count()} devices: eval_examples "
         f"{results['eval_examples']:.0f}, loss {results['loss']:.6f}",

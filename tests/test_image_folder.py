@@ -49,6 +49,28 @@ def test_train_and_val_subfolders_are_the_splits(tmp_path):
   assert all(os.sep + "val" + os.sep in p for p in paths)
 
 
+def test_a_class_only_in_val_gets_the_same_label_in_both_splits(tmp_path):
+  for split, names in (("train", ("a", "c")), ("val", ("a", "b", "c"))):
+    for name in names:
+      os.makedirs(tmp_path / split / name)
+      Image.new("RGB", (8, 8)).save(tmp_path / split / name / "0.png")
+  train = image_folder.list_image_folder(str(tmp_path), "train")
+  val = image_folder.list_image_folder(str(tmp_path), "val")
+  assert train[2] == val[2] == ["a", "b", "c"]
+  assert train[1].tolist() == [0, 2] and val[1].tolist() == [0, 1, 2]
+
+
+def test_files_pil_reads_but_tensorflow_cannot_decode_are_skipped(tmp_path):
+  os.makedirs(tmp_path / "k")
+  Image.new("RGB", (8, 8)).save(tmp_path / "k" / "fine.bmp")
+  Image.new("1", (8, 8)).save(tmp_path / "k" / "one_bit.bmp")
+  Image.new("RGB", (8, 8)).save(tmp_path / "k" / "tiff.jpg", format="TIFF")
+  paths, _, _, skipped = image_folder.list_with_skipped(str(tmp_path),
+                                                        "train", 0.0)
+  assert [os.path.basename(p) for p in paths] == ["fine.bmp"]
+  assert skipped == 2
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda root: None, "does not exist"),
     (lambda root: os.makedirs(root), "no class sub-folders"),

@@ -110,6 +110,11 @@ def run_job(workdir, num_processes, logdir):
   for p, out in enumerate(outputs):
     assert (f"process {p} of {num_processes} with {DEVICES} devices"
             in out), out
+    if num_processes == 1:
+      assert "index check passed" in out, out
+    else:
+      assert ("index check: processes disagree on the index: [0, 1] "
+              "(by process)") in out, out
   return outputs
 
 

@@ -254,7 +254,8 @@ def test_open_split_picks_the_eval_split(imagenet, tmp_path):
   _one_line_error(
       lambda: tfds_source.open_split(NAME, "train", data_dir=fresh,
                                      manual_dir=manual_dir, may_prepare=False),
-      "does not exist", "tfds_source.prepare")
+      "does not exist", "tfds_source.prepare",
+      "with several processes none prepares it")
 
 
 def _tiny_builder_class():

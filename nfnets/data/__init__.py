@@ -22,6 +22,7 @@ from typing import Iterator
 import jax
 import ml_collections
 
+from nfnets import parallel
 from nfnets.data import arrays
 from nfnets.data import digits
 
@@ -38,6 +39,10 @@ def _source(config: ml_collections.ConfigDict, train: bool):
     split = ds.train_split if train else ds.eval_split
   source = _open_source(ds.name, split, ds.data_dir, ds.manual_dir,
                         ds.val_fraction, jax.process_count() == 1)
+  # Every process must index the same list, or the permutations diverge.
+  parallel.check_same_across_processes(
+      source.num_examples, f"the size of {ds.name} {split!r} in "
+      f"{ds.data_dir!r} (a partial copy, or files unreadable on some hosts?)")
   if source.num_classes > ds.num_classes:
     raise ValueError(f"{ds.name} in {ds.data_dir!r} has {source.num_classes} "
                      f"classes but dataset.num_classes is {ds.num_classes}")

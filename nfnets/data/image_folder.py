@@ -23,12 +23,19 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 SPLIT_SEED = 0
 
 
+# What PIL may call a file that tf.io.decode_image can decode (MPO: JPEGs
+# from cameras with extra frames). PIL also reads e.g. TIFF and 1-bit BMPs,
+# which would fail later, mid-epoch, at the same step on every resume.
+DECODABLE_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "BMP", "WEBP")
+
+
 def _is_readable_image(path: str) -> bool:
-  """Whether PIL can parse `path`'s header and structure (no full decode)."""
+  """Whether PIL can parse `path` (no full decode) and TF can decode it."""
   try:
     with Image.open(path) as image:
       image.verify()
-    return True
+      return (image.format in DECODABLE_FORMATS and
+              not (image.format == "BMP" and image.mode == "1"))
   except Exception:  # pylint: disable=broad-except
     return False  # PIL raises many types for bad files; all mean unusable.
 
@@ -89,8 +96,8 @@ def list_with_skipped(
     raise ValueError(f"no class sub-folders in {class_root!r}")
   if by_folder:
     # Both splits must agree on the label of each class name.
-    class_names = sorted(set(class_names) |
-                         set(_class_names(os.path.join(root, "train"))))
+    class_names = sorted(set(_class_names(os.path.join(root, "train"))) |
+                         set(_class_names(os.path.join(root, "val"))))
   paths, labels = [], []
   for label, name in enumerate(class_names):
     folder = os.path.join(class_root, name)

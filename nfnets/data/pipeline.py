@@ -266,7 +266,11 @@ def _encoded_stream(source: Source, indices: np.ndarray, chunk: int,
   def generate():
     for start in range(0, len(indices), chunk):
       stop = start + chunk
-      images, labels = source.read(indices[start:stop])
+      asked = indices[start:stop]
+      images, labels = source.read(asked)
+      if len(images) != len(asked) or len(labels) != len(asked):
+        raise ValueError(f"source {source!r} returned {len(images)} images "
+                         f"and {len(labels)} labels for {len(asked)} indices")
       rows = [e[start:stop] for e in extra]
       for k, (image, label) in enumerate(zip(images, labels)):
         yield (image, label) + tuple(r[k] for r in rows)

@@ -30,6 +30,7 @@ import importlib
 import logging
 import os
 import re
+import resource
 import shutil
 import sys
 import tempfile
@@ -220,6 +221,19 @@ def _find_features(info: Any) -> tuple[str, str]:
   return image_key, label_key
 
 
+def _raise_open_file_limit(wanted: int = 65536) -> None:
+  """Lifts the soft limit on open files towards the hard one.
+
+  Random access keeps a reader open per shard touched (ImageNet's train split
+  has about a thousand), which a common soft limit of 1024 would not allow.
+  """
+  soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+  target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+  if soft != resource.RLIM_INFINITY and soft < target:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    logging.info("raised the open-file limit from %d to %d", soft, target)
+
+
 class TFDSSource:
   """Random access to one split of a prepared TFDS image classification set.
 
@@ -252,6 +266,7 @@ class TFDSSource:
     self._label_feature = info.features[self.label_key]
     self._data_source = builder.as_data_source(split,
                                                file_format=ARRAY_RECORD)
+    _raise_open_file_limit()
     self._num_examples = len(self._data_source)
 
   @property
@@ -490,7 +505,8 @@ def convert(name: str, *, data_dir: str) -> None:
                          f"dataset_info.json says {length}")
 
   # Threads: TensorFlow's reads and ArrayRecord's writes release the GIL.
-  with futures.ThreadPoolExecutor(max_workers=min(8, len(shards))) as pool:
+  with futures.ThreadPoolExecutor(max_workers=max(1, min(8, len(shards)))
+                                  ) as pool:
     list(pool.map(convert_shard, shards))
   proto = dataset_info_lib.read_proto_from_builder_dir(builder.data_path)
   if out_format.value not in proto.alternative_file_formats:
@@ -523,8 +539,14 @@ def open_split(name: str, split: str, *, data_dir: str, manual_dir: str = "",
     builder_cls = _builder_cls(name)
     if getattr(builder_cls, "MANUAL_DOWNLOAD_INSTRUCTIONS", None):
       prepare(name, data_dir=data_dir, manual_dir=manual_dir)
-  if not split:
-    builder = _open_builder(name, data_dir)
-    splits = builder.info.splits.keys()
-    split = "validation" if "validation" in splits else "test"
-  return load(name, split, data_dir=data_dir)
+  try:
+    if not split:
+      builder = _open_builder(name, data_dir)
+      splits = builder.info.splits.keys()
+      split = "validation" if "validation" in splits else "test"
+    return load(name, split, data_dir=data_dir)
+  except ValueError as e:
+    if manual_dir and not may_prepare and "not prepared" in str(e):
+      raise ValueError(f"{e}; with several processes none prepares it: run "
+                       "prepare once before the run") from None
+    raise
