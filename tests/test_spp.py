@@ -15,6 +15,8 @@ import numpy as np
 from PIL import Image
 import pytest
 
+import cli_helpers
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "spp.py"
 MODELS = ("nf_resnet26", "resnet26", "nf_resnet26_nows")
@@ -110,10 +112,6 @@ def test_batch_norm_keeps_the_variance_in_a_band(spp_run):
 
 def test_unknown_model_is_a_one_line_error(tmp_path):
   result = _run("--models=nf_resnet26,resnet34", f"--out={tmp_path}/x.png")
-  assert result.returncode != 0
-  assert result.stdout == ""
-  assert "Traceback" not in result.stderr
-  lines = result.stderr.strip().splitlines()
-  assert len(lines) == 1, result.stderr
-  assert lines[0].startswith("error: unknown model 'resnet34'; valid: ")
+  cli_helpers.assert_one_line_error(
+      result, "error: unknown model 'resnet34'; valid: ")
   assert not list(tmp_path.iterdir())  # nothing written

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+import cli_helpers
+
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "summary.py"
 
 
@@ -36,10 +38,6 @@ def test_json_summary_of_nfnet_f0(flags, gmacs, image_size):
 
 def test_unknown_model_is_a_one_line_error():
   result = _run("--model=resnet34", "--json")
-  assert result.returncode != 0
-  assert result.stdout == ""
-  assert "Traceback" not in result.stderr
-  lines = result.stderr.strip().splitlines()
-  assert len(lines) == 1, result.stderr
-  assert lines[0].startswith("error: unknown model 'resnet34'; valid: ")
-  assert "nfnet_f0" in lines[0] and "resnet50" in lines[0]
+  line = cli_helpers.assert_one_line_error(
+      result, "error: unknown model 'resnet34'; valid: ")
+  assert "nfnet_f0" in line and "resnet50" in line
