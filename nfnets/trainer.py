@@ -242,12 +242,15 @@ def _train_loop(config, state, train_iter, total_steps, train_step, ckpt,
   pending, results = [], {}
   first_step, last_step = step, step
   last_time = run_start = time.time()
+  # The data position after each step not yet checked for NaNs, so that the
+  # last good state is saved with the position it was trained to.
+  positions = {step: train_iter.get_state()}
 
   def check_finite():
     bad = int(state.nonfinite_step)
     if bad >= 0:
       good = int(state.step)
-      ckpt.save(good, state, train_iter.get_state())
+      ckpt.save(good, state, positions[good])
       ckpt.wait()
       raise NonFiniteLossError(
           f"loss or gradient became NaN/inf at step {bad}; stopped, the last "
@@ -259,9 +262,11 @@ def _train_loop(config, state, train_iter, total_steps, train_step, ckpt,
       batch = parallel.shard_batch(next(train_iter), mesh)
       state, metrics = train_step(state, batch)
       step += 1
+      positions[step] = train_iter.get_state()
       pending.append(metrics)
       if step % config.log_every_steps == 0 or step == total_steps:
         check_finite()
+        positions = {step: positions[step]}
         fetched = jax.device_get(pending)
         pending = []
         now = time.time()

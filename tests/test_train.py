@@ -231,6 +231,18 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_state(
   loaded = checkpoint.read_params(str(tmp_path))
   for leaf in jax.tree.leaves(loaded["params"]):
     assert np.all(np.isfinite(leaf))
+  # Saved with the data position it was trained to, not the failing step's.
+  mesh = Mesh(np.asarray(jax.devices()), (parallel.AXIS,))
+  state, _ = _setup(config, mesh)
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                     sharding=parallel.replicated_sharding(
+                                         mesh)), state)
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), 3, False)
+  restored, data_state = ckpt.restore_latest(abstract)
+  ckpt.close()
+  good = int(restored.step)
+  assert good < 12 and data_state == {"epoch": 0, "batch": good}
 
 
 @pytest.mark.parametrize("name", ["adamw", "lamb"])
