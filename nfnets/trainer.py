@@ -16,6 +16,7 @@ from typing import Any
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
@@ -87,18 +88,32 @@ def _load_init_from(path: str, abstract: train.TrainState,
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop checks after each step."""
+  """Tells the loop, after each step, whether to save and stop (SIGTERM).
+
+  One process: a SIGTERM handler sets a flag. Several processes: JAX's
+  preemption service (started by `jax.distributed`, which catches SIGTERM
+  itself) agrees on one step for all, so that every process saves the same
+  step and none waits in a collective for a peer that stopped.
+  """
 
   def __init__(self):
-    self.requested = False
+    self._flag = False
     self._previous = None
-    if threading.current_thread() is threading.main_thread():
+    self._multi = jax.process_count() > 1
+    if not self._multi and (threading.current_thread() is
+                            threading.main_thread()):
       self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def requested(self, step: int) -> bool:
+    """Whether to stop after `step` (call once per step, on every process)."""
+    if self._multi:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self._flag
 
   def _handle(self, signum, frame):
     del signum, frame
     logging.warning("SIGTERM received: saving a checkpoint and stopping")
-    self.requested = True
+    self._flag = True
 
   def restore(self):
     if self._previous is not None:
@@ -289,7 +304,7 @@ def _train_loop(config, state, train_iter, total_steps, train_step, ckpt,
       if (mode == "train_eval" and config.eval_every_steps and
           step % config.eval_every_steps == 0 and step < total_steps):
         _log_eval(step, evaluate(state, eval_step, config, mesh), writer)
-      if preemption.requested:
+      if preemption.requested(step):
         check_finite()
         ckpt.save(step, state, train_iter.get_state())
         ckpt.wait()

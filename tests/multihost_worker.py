@@ -1,6 +1,6 @@
 """One process of a tiny digits run, for `tests/test_multihost.py`.
 
-  python tests/multihost_worker.py WORKDIR [--distributed]
+  python tests/multihost_worker.py WORKDIR [--distributed] [--num_steps=N]
 
 Trains the digits NFNet for a few steps with `nfnets.trainer` (checkpoints
 every 2 steps, an evaluation at the end). With `--distributed` the process
@@ -27,13 +27,13 @@ NUM_STEPS = 6
 CHECKPOINT_EVERY = 2
 
 
-def make_config(distributed: bool):
+def make_config(distributed: bool, num_steps: int = NUM_STEPS):
   """The digits config cut to a few steps of a global batch of 16."""
   c = digits_config.get_config()
   c.optimizer.warmup_epochs = 0.0
   c.batch_size = 16
   c.eval_batch_size = 40
-  c.num_steps = NUM_STEPS
+  c.num_steps = num_steps
   c.checkpoint.every_steps = CHECKPOINT_EVERY
   c.checkpoint.max_to_keep = NUM_STEPS // CHECKPOINT_EVERY
   c.checkpoint.async_save = False
@@ -47,9 +47,14 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("workdir")
   parser.add_argument("--distributed", action="store_true")
+  parser.add_argument("--num_steps", type=int, default=NUM_STEPS)
   args = parser.parse_args()
-  results = trainer.train_and_evaluate(make_config(args.distributed),
-                                       args.workdir, "train")
+  results = trainer.train_and_evaluate(
+      make_config(args.distributed, args.num_steps), args.workdir, "train")
+  if "preempted" in results:
+    print(f"process {jax.process_index()}: preempted at step "
+          f"{results['preempted']}", flush=True)
+    return
   # The data sources' cross-process consistency check, both ways.
   parallel.check_same_across_processes(7, "seven")
   try:

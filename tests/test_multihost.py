@@ -10,6 +10,7 @@ checkpoints.
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -208,3 +209,39 @@ def test_other_topology_resumes_the_checkpoint(runs, source_processes, step):
   assert read_metrics(resumed)[0]["step"] == step + 1
   assert checkpoint_steps(resumed)[-1] == NUM_STEPS
   assert_same_weights(resumed, reference)
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
+  """JAX's preemption service: every process saves one agreed step."""
+  coordinator = f"127.0.0.1:{_free_port()}"
+  logs = [tmp_path / f"p{p}.log" for p in range(2)]
+  procs = []
+  try:
+    for p, log in enumerate(logs):
+      with open(log, "w") as out:
+        procs.append(subprocess.Popen(
+            [sys.executable, WORKER, str(tmp_path / "run"), "--distributed",
+             "--num_steps=100000"], cwd=ROOT, stdout=out,
+            stderr=subprocess.STDOUT,
+            env=_env(DEVICES // 2, p, 2, coordinator)))
+    deadline = time.monotonic() + TIMEOUT
+    # Process 1 alone is told to stop, once training has started.
+    checkpoints = tmp_path / "run" / "checkpoints"
+    while not (checkpoints / "2").is_dir():
+      assert time.monotonic() < deadline and procs[0].poll() is None, (
+          _tail(logs[0]))
+      time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    codes = [proc.wait(timeout=max(1, deadline - time.monotonic()))
+             for proc in procs]
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  outputs = [_tail(log) for log in logs]
+  assert codes == [0, 0], outputs
+  steps = [int(out.split("preempted at step ")[1].split()[0])
+           for out in outputs]
+  assert steps[0] == steps[1] > 2, outputs
+  assert str(steps[0]) in os.listdir(checkpoints)
