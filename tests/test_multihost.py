@@ -61,6 +61,14 @@ def _tail(path, chars=3000):
     return f.read()[-chars:]
 
 
+def _start_worker(workdir, args, env, log):
+  """Starts one worker process writing its output to `log`."""
+  with open(log, "w") as out:
+    return subprocess.Popen([sys.executable, WORKER, str(workdir), *args],
+                            cwd=ROOT, env=env, stdout=out,
+                            stderr=subprocess.STDOUT)
+
+
 def run_job(workdir, num_processes, logdir):
   """Trains in `workdir` with 1 process of 4 devices or 2 of 2; waits.
 
@@ -88,10 +96,7 @@ def run_job(workdir, num_processes, logdir):
       else:
         args = ["--distributed"]
         env = _env(DEVICES // num_processes, p, num_processes, coordinator)
-      with open(log, "w") as out:
-        procs.append(subprocess.Popen(
-            [sys.executable, WORKER, str(workdir), *args], cwd=ROOT, env=env,
-            stdout=out, stderr=subprocess.STDOUT))
+      procs.append(_start_worker(workdir, args, env, log))
     deadline = time.monotonic() + TIMEOUT
     while time.monotonic() < deadline:
       codes = [proc.poll() for proc in procs]
@@ -218,12 +223,9 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
   procs = []
   try:
     for p, log in enumerate(logs):
-      with open(log, "w") as out:
-        procs.append(subprocess.Popen(
-            [sys.executable, WORKER, str(tmp_path / "run"), "--distributed",
-             "--num_steps=100000"], cwd=ROOT, stdout=out,
-            stderr=subprocess.STDOUT,
-            env=_env(DEVICES // 2, p, 2, coordinator)))
+      procs.append(_start_worker(
+          tmp_path / "run", ["--distributed", "--num_steps=100000"],
+          _env(DEVICES // 2, p, 2, coordinator), log))
     deadline = time.monotonic() + TIMEOUT
     # Process 1 alone is told to stop, once training has started.
     checkpoints = tmp_path / "run" / "checkpoints"

@@ -11,6 +11,7 @@ pytest.importorskip("tensorflow")
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import image_helpers
 from nfnets.data import image_folder
+from nfnets.data import mixing
 from nfnets.data import pipeline
 from nfnets.data import transforms
 
@@ -155,10 +156,9 @@ def test_mixup_lambda_follows_beta():
                        .reshape(n, 1, 1, 1) * np.ones((1, 2, 2, 3), np.float32))
   labels = tf.constant(np.tile([0, 1], n // 2), tf.int32)
   seeds = np.stack([np.zeros(n), np.arange(n) // 2], 1).astype(np.int64)
-  augment = pipeline.TrainAugment(image_size=2, mixup_alpha=0.2,
-                                  num_classes=2)
-  out, soft = pipeline.mix_pairs(images, labels, tf.constant(seeds),
-                                 tf.range(n, dtype=tf.int64), augment)
+  out, soft = mixing.mix_pairs(images, labels, tf.constant(seeds),
+                               tf.range(n, dtype=tf.int64), mixup_alpha=0.2,
+                               cutmix_alpha=0.0, num_classes=2)
   lam = out.numpy()[0::2, 0, 0, 0]
   np.testing.assert_allclose(soft.numpy()[0::2, 0], lam, atol=1e-6)
   # Beta(0.2, 0.2): mean 1/2, variance 1 / (4 * (2 * 0.2 + 1)) = 0.1786.

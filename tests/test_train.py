@@ -50,6 +50,21 @@ def _setup(config, mesh):
   return state, step
 
 
+def _restore_latest(config, workdir):
+  """(state, data_state) of the newest readable checkpoint in `workdir`."""
+  mesh = Mesh(np.asarray(jax.devices()), (parallel.AXIS,))
+  state, _ = _setup(config, mesh)
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                     sharding=parallel.replicated_sharding(
+                                         mesh)), state)
+  ckpt = checkpoint.Checkpointer(str(workdir / "checkpoints"), 3, False)
+  try:
+    return ckpt.restore_latest(abstract)
+  finally:
+    ckpt.close()
+
+
 def _batch(n=32):
   images, labels = digits.load_digits("train")
   return {"images": images[:n], "labels": labels[:n]}
@@ -165,16 +180,8 @@ def test_truncated_latest_checkpoint_falls_back_to_previous(tmp_path,
           fh.truncate(os.path.getsize(path) // 2)
         truncated += 1
   assert truncated
-  mesh = Mesh(np.asarray(jax.devices()), (parallel.AXIS,))
-  state, _ = _setup(config, mesh)
-  abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                     sharding=parallel.replicated_sharding(
-                                         mesh)), state)
-  ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), 3, False)
   with caplog.at_level("WARNING"):
-    restored, data_state = ckpt.restore_latest(abstract)
-  ckpt.close()
+    restored, data_state = _restore_latest(config, tmp_path)
   assert int(restored.step) == 3
   assert data_state == {"epoch": 0, "batch": 3}
   assert "step 6" in caplog.text and "unreadable" in caplog.text
@@ -232,15 +239,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_state(
   for leaf in jax.tree.leaves(loaded["params"]):
     assert np.all(np.isfinite(leaf))
   # Saved with the data position it was trained to, not the failing step's.
-  mesh = Mesh(np.asarray(jax.devices()), (parallel.AXIS,))
-  state, _ = _setup(config, mesh)
-  abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                     sharding=parallel.replicated_sharding(
-                                         mesh)), state)
-  ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), 3, False)
-  restored, data_state = ckpt.restore_latest(abstract)
-  ckpt.close()
+  restored, data_state = _restore_latest(config, tmp_path)
   good = int(restored.step)
   assert good < 12 and data_state == {"epoch": 0, "batch": good}
 

@@ -20,11 +20,13 @@ trainer, models and digits data never need it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 
 from nfnets.data import arrays
+from nfnets.data import mixing
 from nfnets.data import randaugment
 from nfnets.data import transforms
 
@@ -54,7 +56,7 @@ class TrainAugment:
     randaugment_magnitude: their magnitude (0-10 scale; higher extrapolates).
     mixup_alpha: MixUp's Beta(alpha, alpha) parameter (0: off).
     cutmix_alpha: CutMix's Beta(alpha, alpha) parameter (0: off). With both
-      on, even pairs get MixUp and odd pairs CutMix.
+      on, even pairs get MixUp and odd pairs CutMix (`mixing.mix_pairs`).
     num_classes: the label count, for the soft labels that mixing produces.
   """
   image_size: int
@@ -141,93 +143,6 @@ def _train_example(raw, label, seed, augment: TrainAugment):
                                      augment.randaugment_magnitude)
     image = tf.cast(pixels, tf.float32)
   return _normalize(image), label
-
-
-def _beta(seed, alpha: float, shape):
-  """Beta(alpha, alpha) samples as a ratio of two stateless Gamma draws."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  g = tf.random.stateless_gamma([2] + list(shape), seed, alpha=alpha)
-  return g[0] / (g[0] + g[1])
-
-
-def _pair_draws(seed, augment: TrainAugment):
-  """One pair's random numbers: [mixup lambda, cutmix lambda, cy, cx]."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  seeds = tf.random.experimental.stateless_split(seed, 3)
-  mix = cut = 1.0
-  if augment.mixup_alpha:
-    mix = _beta(seeds[0], augment.mixup_alpha, [])
-  if augment.cutmix_alpha:
-    cut = _beta(seeds[1], augment.cutmix_alpha, [])
-  centre = tf.random.stateless_uniform([2], seeds[2])
-  return tf.stack([tf.cast(mix, tf.float32), tf.cast(cut, tf.float32),
-                   centre[0], centre[1]])
-
-
-def mix_pairs(images, labels, pair_seeds, positions, augment: TrainAugment):
-  """MixUp or CutMix of the examples at positions (2i, 2i + 1), both ways.
-
-  Pair `i` of the epoch gets MixUp if only MixUp is on or `i` is even, else
-  CutMix. MixUp blends whole images with lambda ~ Beta(alpha, alpha); CutMix
-  pastes a box of area ~(1 - lambda) of the other image at a uniform centre
-  (clipped to the image) and uses the pasted area for the label weights.
-
-  Args:
-    images: float32 [B, H, W, 3], B even, pairs adjacent.
-    labels: int32 [B].
-    pair_seeds: int64 [B, 2], equal within a pair.
-    positions: int64 [B], the examples' positions in the epoch's order.
-    augment: the alphas and class count.
-
-  Returns:
-    (images float32 [B, H, W, 3], soft labels float32 [B, num_classes]),
-    each soft label summing to 1.
-  """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  shape = tf.shape(images)
-  h, w = shape[1], shape[2]
-  # [P, 2, ...] views: no strided copies (slow in TF), and both members of a
-  # pair share the weight map `keep` of their own image.
-  pairs = tf.reshape(images, tf.concat([[-1, 2], shape[1:]], 0))
-  onehot = tf.reshape(tf.one_hot(labels, augment.num_classes,
-                                 dtype=tf.float32),
-                      [-1, 2, augment.num_classes])
-  first_positions = tf.reshape(positions, [-1, 2])[:, 0]
-  draws = tf.map_fn(lambda s: _pair_draws(s, augment),
-                    tf.reshape(pair_seeds, [-1, 2, 2])[:, 0],
-                    fn_output_signature=tf.float32)
-  use_cutmix = tf.zeros_like(first_positions, tf.bool)
-  if augment.cutmix_alpha:
-    use_cutmix = tf.logical_or(augment.mixup_alpha == 0,
-                               (first_positions // 2) % 2 == 1)
-  # CutMix box: side ratio sqrt(1 - lambda), centred at a uniform point.
-  ratio = tf.sqrt(1.0 - draws[:, 1])
-  hf, wf = tf.cast(h, tf.float32), tf.cast(w, tf.float32)
-  half_h, half_w = ratio * hf / 2, ratio * wf / 2
-  cy, cx = draws[:, 2] * hf, draws[:, 3] * wf
-  y0 = tf.clip_by_value(tf.round(cy - half_h), 0, hf)
-  y1 = tf.clip_by_value(tf.round(cy + half_h), 0, hf)
-  x0 = tf.clip_by_value(tf.round(cx - half_w), 0, wf)
-  x1 = tf.clip_by_value(tf.round(cx + half_w), 0, wf)
-  rows = tf.range(hf)[None, :, None]
-  cols = tf.range(wf)[None, None, :]
-  inside = ((rows >= y0[:, None, None]) & (rows < y1[:, None, None]) &
-            (cols >= x0[:, None, None]) & (cols < x1[:, None, None]))
-  box = tf.cast(inside, tf.float32)
-  cut_lam = 1.0 - (y1 - y0) * (x1 - x0) / (hf * wf)
-  # Per pair: the weight of each member's own image, as a map and a scalar.
-  cut = tf.cast(use_cutmix, tf.float32)
-  keep = (cut[:, None, None] * (1.0 - box) +
-          (1.0 - cut[:, None, None]) * draws[:, 0][:, None, None])
-  keep = keep[:, None, :, :, None]
-  lam = (cut * cut_lam + (1.0 - cut) * draws[:, 0])[:, None, None]
-  # own * keep + other * (1 - keep), with other = pair sum - own.
-  total = tf.reduce_sum(pairs, 1, keepdims=True)
-  mixed = (2.0 * keep - 1.0) * pairs + (1.0 - keep) * total
-  soft = ((2.0 * lam - 1.0) * onehot +
-          (1.0 - lam) * tf.reduce_sum(onehot, 1, keepdims=True))
-  return (tf.reshape(mixed, shape),
-          tf.reshape(soft, [-1, augment.num_classes]))
 
 
 def _eval_example(raw, label, image_size: int, resize: str):
@@ -341,8 +256,10 @@ class SourceTrainIterator(arrays.EpochSampler):
     ds = ds.batch(local, drop_remainder=True)
 
     if augment.mixes:
-      ds = ds.map(lambda *batch: mix_pairs(*batch, augment),
-                  num_parallel_calls=2, deterministic=True)
+      mix = functools.partial(
+          mixing.mix_pairs, mixup_alpha=augment.mixup_alpha,
+          cutmix_alpha=augment.cutmix_alpha, num_classes=augment.num_classes)
+      ds = ds.map(mix, num_parallel_calls=2, deterministic=True)
     else:
       ds = ds.map(lambda images, labels, *_: (images, labels))
     return iter(ds.prefetch(2).as_numpy_iterator())
