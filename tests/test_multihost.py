@@ -69,6 +69,14 @@ def _start_worker(workdir, args, env, log):
                             stderr=subprocess.STDOUT)
 
 
+def _kill_running(procs):
+  """Kills the workers still running (a failed peer leaves them waiting)."""
+  for proc in procs:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+
+
 def run_job(workdir, num_processes, logdir):
   """Trains in `workdir` with 1 process of 4 devices or 2 of 2; waits.
 
@@ -104,10 +112,7 @@ def run_job(workdir, num_processes, logdir):
         break
       time.sleep(0.2)
   finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+    _kill_running(procs)
   outputs = [_tail(log) for log in logs]
   codes = [proc.returncode for proc in procs]
   report = "\n".join(f"--- process {p}:\n{out}"
@@ -237,10 +242,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
     codes = [proc.wait(timeout=max(1, deadline - time.monotonic()))
              for proc in procs]
   finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+    _kill_running(procs)
   outputs = [_tail(log) for log in logs]
   assert codes == [0, 0], outputs
   steps = [int(out.split("preempted at step ")[1].split()[0])
