@@ -22,6 +22,7 @@ import jmp
 import ml_collections
 import optax
 
+from nfnets import agc
 from nfnets import optim
 from nfnets import parallel
 from nfnets import sam
@@ -152,8 +153,8 @@ def make_train_step(model: hk.TransformedWithState,
     decay = ema_decay(config, state.step)
     ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
                               state.ema_params, params)
-    grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
-                             for g in jax.tree.leaves(grads)))
+    grad_norm = jnp.sqrt(sum(jnp.sum(s) for s in agc.unit_sum_squares(
+        jax.tree.leaves(grads))))
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     ok = finite & (state.nonfinite_step < 0)
     new_state = TrainState(

@@ -92,6 +92,40 @@ def test_matches_numpy_reference():
                              total_clipped / total_units, rtol=1e-6)
 
 
+
+def test_same_shaped_leaves_are_clipped_one_by_one():
+  # The norms are reduced in groups of equal shape; each leaf must still get
+  # its own units' norms (two copies of every shape, different values).
+  trees = [_make_tree(seed) for seed in (3, 4)]
+  params = {f"{n}{k}": t[0][n] for k, t in enumerate(trees) for n in SHAPES}
+  grads = {f"{n}{k}": t[1][n] for k, t in enumerate(trees) for n in SHAPES}
+  mask = {name: not name.startswith("dense1") for name in params}
+  new_grads, state = _apply(grads, params, mask=mask)
+  total_clipped, total_units = 0, 0
+  for name in params:
+    if not mask[name]:
+      np.testing.assert_array_equal(new_grads[name], grads[name])
+      continue
+    ref, clipped = _np_agc(grads[name], params[name])
+    np.testing.assert_allclose(new_grads[name], ref, rtol=1e-6, atol=1e-12)
+    total_clipped += sum(clipped)
+    total_units += len(clipped)
+  np.testing.assert_allclose(state.clipped_fraction,
+                             total_clipped / total_units, rtol=1e-6)
+
+
+def test_unit_sum_squares_matches_numpy_per_leaf():
+  rng = np.random.default_rng(5)
+  shapes = [(3, 3, 4, 8), (8,), (3, 3, 4, 8), (), (16, 10), (8,), (), (8,)]
+  leaves = [jnp.asarray(rng.normal(size=s), jnp.bfloat16) for s in shapes]
+  sums = agc.unit_sum_squares(leaves)
+  for x, s in zip(leaves, sums):
+    x = np.asarray(x, np.float64)
+    axes = None if x.ndim <= 1 else tuple(range(x.ndim - 1))
+    ref = np.sum(x * x, axis=axes, keepdims=True)
+    assert s.shape == ref.shape and s.dtype == jnp.float32
+    np.testing.assert_allclose(s, ref, rtol=1e-6)
+
 def test_clip_unitwise_counts():
   params, grads = _make_tree(seed=1)
   g, n_clipped, n_units = agc.clip_unitwise(grads["conv"], params["conv"],
