@@ -16,10 +16,7 @@ the rematerialising model (`model.kwargs.remat=True`).
 """
 
 import json
-import os
-import sys
 import time
-from typing import Any
 
 from absl import app
 from absl import flags
@@ -27,16 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from configs import nf_resnet as nf_resnet_config  # pylint: disable=g-import-not-at-top,wrong-import-position
-from configs import nfnet as nfnet_config  # pylint: disable=g-import-not-at-top,wrong-import-position
-from configs import resnet as resnet_config  # pylint: disable=g-import-not-at-top,wrong-import-position
-from nfnets import experiment  # pylint: disable=g-import-not-at-top,wrong-import-position
-from nfnets import models  # pylint: disable=g-import-not-at-top,wrong-import-position
-from nfnets import optim  # pylint: disable=g-import-not-at-top,wrong-import-position
+import bench_step as bench  # scripts/bench_step.py; puts the repo on sys.path
 from nfnets import parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
-from nfnets import train  # pylint: disable=g-import-not-at-top,wrong-import-position
 from nfnets.models import summary  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _MODEL = flags.DEFINE_string("model", "nfnet_f0", "Registered model name.")
@@ -65,22 +54,6 @@ PEAK_FLOPS = {
 }
 
 
-def config_for(model_name: str):
-  """The model family's experiment config, pointed at `model_name`."""
-  if model_name.startswith("nfnet_f"):
-    variant = model_name[len("nfnet_"):].split("_")[0].upper()
-    config = nfnet_config.get_config(
-        f"variant={variant.replace('PLUS', '+')}")
-  elif model_name.startswith("nf_resnet"):
-    config = nf_resnet_config.get_config()
-  elif model_name.startswith("resnet"):
-    config = resnet_config.get_config()
-  else:
-    raise ValueError(f"no config family for {model_name!r}")
-  config.model.name = model_name
-  return config
-
-
 def measured_peak_flops(dtype) -> float:
   """FLOP/s of a large square matmul: the peak where no table entry fits."""
   n = 4096 if jax.default_backend() != "cpu" else 1024
@@ -102,108 +75,23 @@ def peak_flops(dtype) -> tuple[float, str]:
   return measured_peak_flops(dtype) * jax.device_count(), "measured matmul"
 
 
-def experiment_config(model_name: str, batch_size: int, image_size: int,
-                      precision: str = "bfloat16", smoke: bool = False,
-                      remat: bool = False):
-  """The config whose step is timed: the family's recipe on synthetic data.
-
-  Returns:
-    (config, soft_labels): soft_labels is whether the recipe mixes images
-    (MixUp/CutMix), so that the step gets soft labels as in training.
-
-  Raises:
-    ValueError: for an unknown model family or an invalid config.
-  """
-  config = config_for(model_name)
-  config.batch_size = config.eval_batch_size = batch_size
-  # Synthetic data stands in for the dataset (host-side augmentation is
-  # scripts/bench_input.py's); `synthetic_batch` makes MixUp/CutMix-style
-  # soft labels when the recipe mixes.
-  soft_labels = bool(config.dataset.mixup_alpha or
-                     config.dataset.cutmix_alpha)
-  config.dataset.update(dict(name="digits", image_size=image_size,
-                             eval_image_size=image_size,
-                             randaugment_layers=0, mixup_alpha=0.0,
-                             cutmix_alpha=0.0))
-  config.precision = precision
-  if smoke:
-    kwargs = dict(config.model.kwargs, width_multiplier=0.125,
-                  depths=(1, 1, 1, 1))
-    if model_name.startswith("nfnet"):
-      kwargs["group_width"] = 16
-    config.model.kwargs = kwargs
-  if remat:
-    config.model.kwargs = dict(config.model.kwargs, remat=True)
-  experiment.validate(config)
-  return config, soft_labels
-
-
-def make_step(config, mode: str, mesh):
-  """The trainer's jitted train or eval step and its init function."""
-  model = models.build_model(config.model.name,
-                             num_classes=config.dataset.num_classes,
-                             **config.model.kwargs)
-  schedule = optim.learning_rate_schedule(config, 10_000, 100)
-  optimizer = optim.make_optimizer(config, schedule)
-  size = config.dataset.image_size
-  init = train.make_init(model, optimizer, (size, size, 3), mesh)
-  if mode == "train":
-    return train.make_train_step(model, optimizer, schedule, config,
-                                 mesh), init
-  return train.make_eval_step(model, config, mesh), init
-
-
-def batch_shapes(config, mode: str,
-                 soft_labels: bool) -> dict[str, tuple[tuple[int, ...], Any]]:
-  """Name -> (shape, dtype) of the batch the step takes."""
-  n, size = config.batch_size, config.dataset.image_size
-  shapes = {"images": ((n, size, size, 3), np.float32)}
-  if mode == "train" and soft_labels:
-    shapes["labels"] = ((n, config.dataset.num_classes), np.float32)
-  else:
-    shapes["labels"] = ((n,), np.int32)
-  if mode == "eval":
-    shapes["mask"] = ((n,), np.float32)
-  return shapes
-
-
-def synthetic_batch(config, mode: str,
-                    soft_labels: bool) -> dict[str, np.ndarray]:
-  """Random images and labels; soft labels mix two classes per example."""
-  rng = np.random.default_rng(0)
-  n, num_classes = config.batch_size, config.dataset.num_classes
-  batch = {}
-  for name, (shape, dtype) in batch_shapes(config, mode, soft_labels).items():
-    if name == "images":
-      batch[name] = rng.standard_normal(shape, dtype)
-    elif name == "mask":
-      batch[name] = np.ones(shape, dtype)
-    elif len(shape) == 1:
-      batch[name] = rng.integers(0, num_classes, n, dtype)
-    else:  # As MixUp/CutMix make them: two classes per example.
-      labels = rng.integers(0, num_classes, n)
-      lam = rng.uniform(size=(n, 1)).astype(dtype)
-      eye = np.eye(num_classes, dtype=dtype)
-      batch[name] = lam * eye[labels] + (1 - lam) * eye[np.roll(labels, 1)]
-  return batch
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
-    config, soft_labels = experiment_config(_MODEL.value, _BATCH.value, _IMAGE.value,
-                               _PRECISION.value, _SMOKE.value, _REMAT.value)
+    config, soft_labels = bench.experiment_config(
+        _MODEL.value, _BATCH.value, _IMAGE.value, _PRECISION.value,
+        _SMOKE.value, _REMAT.value)
     mesh = parallel.make_mesh()
     parallel.check_batch_size(_BATCH.value, mesh, "batch_size")
   except ValueError as e:
     raise SystemExit(f"error: {e}") from None
 
   num_classes = config.dataset.num_classes
-  step, init = make_step(config, _MODE.value, mesh)
+  step, init = bench.make_step(config, _MODE.value, mesh)
   state = init(jax.random.PRNGKey(0))
   batch = parallel.shard_batch(
-      synthetic_batch(config, _MODE.value, soft_labels), mesh)
+      bench.synthetic_batch(config, _MODE.value, soft_labels), mesh)
 
   start = time.perf_counter()
   compiled = step.lower(state, batch).compile()

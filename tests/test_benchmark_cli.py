@@ -57,3 +57,23 @@ def test_input_benchmark_times_each_pipeline_per_core():
        "--kinds=train,fast"], cwd=ROOT, capture_output=True, text=True,
       timeout=300, check=False)
   assert bad.returncode != 0 and "unknown --kinds ['fast']" in bad.stderr
+
+
+def test_kernel_census_counts_the_compiled_step():
+  result = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "scripts", "kernel_census.py"),
+       "--target=local", "--model=nfnet_f0", "--smoke", "--batch_size=232",
+       "--image_size=32", "--json"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  info = json.loads(result.stdout.strip().splitlines()[-1])
+  assert info["target"] == "local" and info["batch_size"] == 232
+  kinds = info["by_kind"]
+  assert info["kernels"] == sum(k["kernels"] for k in kinds.values())
+  assert info["fixed_kernels"] == sum(
+      k["kernels"] for name, k in kinds.items() if name.endswith("(fixed)"))
+  # Convolutions and their gradients run on activations (29 per device).
+  convs = [n for n in kinds if n.startswith("convolution")]
+  assert convs and all(n.endswith("(batch)") for n in convs)
+  assert 0 < info["fixed_kernels"] < info["kernels"]
+  assert info["batch_gbytes"] > 0 and info["fixed_gbytes"] > 0
