@@ -3,31 +3,49 @@
 # with no registry access: it installs the few missing pure-Python packages
 # from wheels in .whl/ (copied from ../shared/wheels), prints the machine, then
 # one JSON line per configuration (also appended to $OUT/bench.jsonl if set).
+# Runs are ordered by importance, so a run cut short by the time limit still
+# has the headline figures.
 #
 #   bash scripts/bench_gpu.sh            # on the GPU machine, from the repo root
+#
+# Before/after: if .baseline/ holds an export of an earlier commit
+#   (mkdir .baseline && git archive COMMIT | tar -x -C .baseline)
+# its F0 step is timed too, with this tree's timing loop (the script is copied
+# in), so the difference is the code's.
 set -u
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
+# Autotuning results shared by the runs: the same kernels are not re-tuned.
+base_flags="--xla_gpu_per_fusion_autotune_cache_dir=/tmp/xla_autotune"
+export XLA_FLAGS="$base_flags"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import jax, optax, haiku; print('jax', jax.__version__, 'optax', optax.__version__, 'haiku', haiku.__version__, jax.devices())"
 log=${OUT:-/tmp}/bench.jsonl
 bench() { python3 scripts/benchmark.py --json "$@" 2>/tmp/err.txt | tee -a "$log" || tail -3 /tmp/err.txt; }
-bench --model=nfnet_f0 --batch_size=256 --image_size=192 --steps=30
+f0="--model=nfnet_f0 --image_size=192"
+bench $f0 --batch_size=256 --steps=30
+if [ -d .baseline/nfnets ]; then
+  cp scripts/benchmark.py scripts/bench_step.py .baseline/scripts/
+  echo "baseline:"
+  (cd .baseline && bench $f0 --batch_size=256 --steps=30)
+fi
 bench --model=nfnet_f0 --batch_size=256 --image_size=256 --steps=20 --mode=eval
-bench --model=nfnet_f0 --batch_size=512 --image_size=192 --steps=15
+# XLA flags: cuDNN convolutions inside CUDA graphs (command buffers) too.
+echo "XLA_FLAGS: command buffers with cuDNN:"
+XLA_FLAGS="$base_flags --xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN" \
+  bench $f0 --batch_size=256 --steps=30
+bench $f0 --batch_size=512 --steps=20
 # Memory: the same step with rematerialised blocks, then the largest batches
 # (an out-of-memory failure prints its last error lines instead of JSON).
-bench --model=nfnet_f0 --batch_size=256 --image_size=192 --steps=20 --remat
-for batch in 1024 2048; do
-  bench --model=nfnet_f0 --batch_size=$batch --image_size=192 --steps=5
-  bench --model=nfnet_f0 --batch_size=$batch --image_size=192 --steps=5 --remat
-done
+bench $f0 --batch_size=256 --steps=20 --remat
+bench $f0 --batch_size=1024 --steps=5
+bench $f0 --batch_size=2048 --steps=5 --remat
 # Where the F0 step's time goes: a 3-step profile summed per kernel.
 trace_dir=${OUT:-/tmp}/trace
-python3 scripts/benchmark.py --model=nfnet_f0 --batch_size=256 --image_size=192 \
-  --steps=10 --trace_dir="$trace_dir" > /dev/null 2>/tmp/err.txt || tail -3 /tmp/err.txt
+python3 scripts/benchmark.py $f0 --batch_size=256 --steps=10 \
+  --trace_dir="$trace_dir" > /dev/null 2>/tmp/err.txt || tail -3 /tmp/err.txt
 trace=$(find "$trace_dir" -name "*trace.json.gz" | head -1)
 [ -n "$trace" ] && python3 scripts/kernel_times.py "$trace" --top=40
