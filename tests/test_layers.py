@@ -95,6 +95,51 @@ def test_standardization_floor_on_constant_kernel():
   assert np.all(np.isfinite(w_hat)) and np.allclose(w_hat, 0.0)
 
 
+
+def _np_standardize(w, gain, eps=1e-4):
+  """Two-pass float64 reference of Scaled WS (ICLR 2021, Eq. 4)."""
+  w = np.asarray(w, np.float64)
+  flat = w.reshape(-1, w.shape[-1])
+  n_var = np.maximum(flat.var(0) * flat.shape[0], eps)
+  return ((w - flat.mean(0)) / np.sqrt(n_var)) * np.asarray(gain, np.float64)
+
+
+def test_standardization_matches_two_pass_reference_on_hard_kernels():
+  rng = np.random.default_rng(7)
+  w = rng.normal(size=(3, 3, 16, 5)).astype(np.float32)
+  w[..., 1] = w[..., 1] * 1e-2 + 1e3  # mean 1e5 times the spread
+  w[..., 2] = 0.25  # constant: the eps floor
+  w[..., 3] *= 1e-4  # N * var below eps: floored too
+  gain = np.array([0.5, 2.0, 1.0, 3.0, -1.0], np.float32)
+  w_hat = np.asarray(layers.standardize_weight(jnp.asarray(w), gain))
+  ref = _np_standardize(w, gain)
+  # float32 rounding of w (1e3 +- 1e-2 carries ~6e-5 relative error per
+  # element on the spread) bounds the agreement of channel 1.
+  np.testing.assert_allclose(w_hat[..., [0, 2, 3, 4]], ref[..., [0, 2, 3, 4]],
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(w_hat[..., 1], ref[..., 1], atol=2e-3)
+
+
+def test_standardization_gradient_matches_autodiff_of_the_formula():
+  def formula(w, gain, eps=1e-4):  # As written, differentiated by JAX.
+    mean = jnp.mean(w, (0, 1, 2), keepdims=True)
+    var = jnp.var(w, (0, 1, 2), keepdims=True)
+    scale = jax.lax.rsqrt(jnp.maximum(var * 72, eps)) * gain
+    return w * scale - mean * scale
+
+  rng = np.random.default_rng(8)
+  w = rng.normal(size=(3, 3, 8, 6)).astype(np.float32) + 0.3
+  w[..., 4] = -1.0  # floored channel: only the mean path has a gradient
+  w[..., 5] *= 1e-4
+  gain = jnp.asarray(rng.uniform(0.5, 2.0, 6), jnp.float32)
+  cotangent = jnp.asarray(rng.normal(size=w.shape), jnp.float32)
+  out, vjp = jax.vjp(layers.standardize_weight, jnp.asarray(w), gain)
+  ref_out, ref_vjp = jax.vjp(formula, jnp.asarray(w), gain)
+  np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-6)
+  for got, want in zip(vjp(cotangent), ref_vjp(cotangent)):
+    np.testing.assert_allclose(got, want, rtol=1e-4,
+                               atol=1e-4 * np.abs(want).max())
+
 def _conv_apply(x, **kwargs):
   f = hk.transform(lambda x: layers.WSConv2D(**kwargs, name="conv")(x))
   params = f.init(jax.random.PRNGKey(0), x)
