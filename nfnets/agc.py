@@ -58,19 +58,40 @@ def unit_sum_squares(leaves: Sequence[jax.Array]) -> list[jax.Array]:
   Returns:
     One float32 array per leaf, with the leaf's ndim, broadcastable against it.
   """
+  sums: list[Any] = [None] * len(leaves)
+  for indices, stacked in _stacked_sum_squares(leaves):
+    for j, i in enumerate(indices):
+      sums[i] = stacked[j]
+  return sums
+
+
+def global_norm(tree: Any) -> jax.Array:
+  """Float32 L2 norm of all leaves together (`optax.global_norm`'s value).
+
+  Reduced like `unit_sum_squares`, one reduction per group of same-shaped
+  leaves rather than one per leaf.
+  """
+  groups = _stacked_sum_squares(jax.tree.leaves(tree))
+  if not groups:
+    return jnp.zeros((), jnp.float32)
+  # One sum over all the partial sums (not a scalar reduction per group).
+  return jnp.sqrt(jnp.sum(jnp.concatenate([jnp.ravel(s) for _, s in groups])))
+
+
+def _stacked_sum_squares(
+    leaves: Sequence[jax.Array]) -> list[tuple[list[int], jax.Array]]:
+  """`unit_sum_squares` by group: (leaf indices, their sums stacked)."""
   groups: dict[tuple[int, ...], list[int]] = {}
   for i, x in enumerate(leaves):
     groups.setdefault(jnp.shape(x), []).append(i)
-  sums: list[Any] = [None] * len(leaves)
+  out = []
   for shape, indices in groups.items():
     # Upcast first: a bf16/fp16 sum of squares loses precision or overflows.
     stacked = jnp.stack([jnp.asarray(leaves[i]).astype(jnp.float32)
                          for i in indices])
-    reduced = jnp.sum(jnp.square(stacked), keepdims=True,
-                      axis=_unit_axes(len(shape), offset=1))
-    for j, i in enumerate(indices):
-      sums[i] = reduced[j]
-  return sums
+    out.append((indices, jnp.sum(jnp.square(stacked), keepdims=True,
+                                 axis=_unit_axes(len(shape), offset=1))))
+  return out
 
 
 def unitwise_norm(x: jax.Array) -> jax.Array:
@@ -206,18 +227,25 @@ def adaptive_grad_clip(
           f"{len(grads)}.")
 
     clipped = [i for i, keep in enumerate(mask_leaves) if keep]
+    for i in clipped:
+      if jnp.shape(grads[i]) != jnp.shape(param_leaves[i]):
+        raise ValueError(
+            f"grad and param shapes differ: {jnp.shape(grads[i])} vs "
+            f"{jnp.shape(param_leaves[i])}.")
     # The norms of every clipped grad and param leaf, reduced in groups of
-    # equal shape (`unit_sum_squares`): a few dozen reductions in all.
-    sums = unit_sum_squares([grads[i] for i in clipped] +
-                            [param_leaves[i] for i in clipped])
+    # equal shape: a few dozen reductions in all. A leaf's grad and param
+    # share a group, grads first, in the same order.
     new_grads = list(grads)
     flags = []
-    for k, i in enumerate(clipped):
-      new_grads[i], clip = _clip(grads[i], jnp.sqrt(sums[k]),
-                                 jnp.sqrt(sums[len(clipped) + k]), clipping,
-                                 eps)
-      flags.append(jnp.ravel(clip))
-    # One count over all units (not a reduction per leaf).
+    for indices, sums in _stacked_sum_squares(
+        [grads[i] for i in clipped] + [param_leaves[i] for i in clipped]):
+      half = len(indices) // 2
+      g_norms, p_norms = jnp.sqrt(sums[:half]), jnp.sqrt(sums[half:])
+      for j, k in enumerate(indices[:half]):
+        new_grads[clipped[k]] = _clip(grads[clipped[k]], g_norms[j],
+                                      p_norms[j], clipping, eps)[0]
+      flags.append(jnp.ravel(g_norms > clipping * jnp.maximum(p_norms, eps)))
+    # One count over every unit's flag, from the stacked norms.
     flags = jnp.concatenate(flags) if flags else jnp.zeros((0,), bool)
     fraction = (jnp.sum(flags, dtype=jnp.int32).astype(jnp.float32) /
                 max(flags.size, 1))

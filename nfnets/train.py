@@ -153,8 +153,7 @@ def make_train_step(model: hk.TransformedWithState,
     decay = ema_decay(config, state.step)
     ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
                               state.ema_params, params)
-    grad_norm = jnp.sqrt(sum(jnp.sum(s) for s in agc.unit_sum_squares(
-        jax.tree.leaves(grads))))
+    grad_norm = agc.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     ok = finite & (state.nonfinite_step < 0)
     new_state = TrainState(

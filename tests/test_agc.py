@@ -125,6 +125,10 @@ def test_unit_sum_squares_matches_numpy_per_leaf():
     ref = np.sum(x * x, axis=axes, keepdims=True)
     assert s.shape == ref.shape and s.dtype == jnp.float32
     np.testing.assert_allclose(s, ref, rtol=1e-6)
+  np.testing.assert_allclose(
+      agc.global_norm({"a": leaves[:3], "b": leaves[3:]}),
+      np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in leaves)),
+      rtol=1e-6)
 
 def test_clip_unitwise_counts():
   params, grads = _make_tree(seed=1)
@@ -275,3 +279,10 @@ def test_inside_shard_map():
   for name in SHAPES:
     np.testing.assert_allclose(out[name], ref[name], rtol=1e-6)
   np.testing.assert_allclose(state.clipped_fraction, ref_state.clipped_fraction)
+
+
+def test_mismatched_grad_and_param_shapes_are_an_error():
+  params, grads = _make_tree()
+  grads["vec"] = jnp.ones((3,))
+  with pytest.raises(ValueError, match=r"shapes differ: \(3,\) vs \(8,\)"):
+    _apply(grads, params)
