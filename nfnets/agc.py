@@ -74,7 +74,7 @@ def global_norm(tree: Any) -> jax.Array:
   groups = _stacked_sum_squares(jax.tree.leaves(tree))
   if not groups:
     return jnp.zeros((), jnp.float32)
-  # One sum over all the partial sums (not a scalar reduction per group).
+  # One sum over all the partial sums (XLA may still split it per group).
   return jnp.sqrt(jnp.sum(jnp.concatenate([jnp.ravel(s) for _, s in groups])))
 
 

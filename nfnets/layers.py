@@ -108,9 +108,10 @@ def standardize_weight(w: jax.Array, gain: jax.Array,
   The values are those of the two-pass formula (mean, then the variance
   about it); the statistics are computed in one pass over the kernel and the
   gradient is the closed-form normalization backward (two sums per output
-  channel in one pass, then one elementwise pass). Differentiating the
-  formula as written costs about ten kernels per convolution on a GPU, once
-  for each of the network's ~60 convolutions at every step; this costs four.
+  channel in one pass, then one elementwise pass), a custom VJP (so reverse
+  mode only). Differentiating the formula as written made about ten GPU
+  kernels per convolution at every step, mostly tiny reductions;
+  `scripts/kernel_census.py` counts them.
 
   Args:
     w: kernel [..., O], any float dtype.
