@@ -1,7 +1,7 @@
 """Tests of random-access TFDS sources, on a fake ImageNet prepared offline.
 
 The fake ILSVRC2012 tars (tests/fake_imagenet.py) go through TFDS's real
-imagenet2012 builder (`tfds_source.prepare`) once per module, with sockets
+imagenet2012 builder (`tfds_prepare.prepare`) once per module, with sockets
 blocked to prove that nothing is downloaded.
 """
 
@@ -18,6 +18,7 @@ pytest.importorskip("tensorflow_datasets")
 pytest.importorskip("array_record")
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from nfnets.data import tfds_prepare
 from nfnets.data import tfds_source
 import fake_imagenet
 
@@ -60,7 +61,7 @@ def imagenet(tmp_path_factory):
   written = fake_imagenet.write_fake_imagenet(manual_dir)
   start = time.perf_counter()
   with _NoNetwork() as net:
-    tfds_source.prepare(NAME, data_dir=data_dir, manual_dir=manual_dir)
+    tfds_prepare.prepare(NAME, data_dir=data_dir, manual_dir=manual_dir)
   seconds = time.perf_counter() - start
   return data_dir, manual_dir, written, seconds, net.attempts
 
@@ -105,9 +106,9 @@ def test_prepare_twice_leaves_the_data(imagenet):
   before = {(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
             for d, _, fs in os.walk(folder) for f in fs}
   with _NoNetwork():
-    tfds_source.prepare(NAME, data_dir=data_dir, manual_dir=manual_dir)
+    tfds_prepare.prepare(NAME, data_dir=data_dir, manual_dir=manual_dir)
     # Prepared data needs no manual_dir any more.
-    tfds_source.prepare(NAME, data_dir=data_dir, manual_dir="")
+    tfds_prepare.prepare(NAME, data_dir=data_dir, manual_dir="")
   after = {(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
            for d, _, fs in os.walk(folder) for f in fs}
   assert after == before
@@ -182,11 +183,11 @@ def test_not_prepared_errors(tmp_path):
                           ("", "data_dir is empty")]:
     _one_line_error(lambda d=data_dir: tfds_source.load(NAME, "train",
                                                         data_dir=d),
-                    where, "tfds_source.prepare", "manual_dir", tars)
+                    where, "tfds_prepare.prepare", "manual_dir", tars)
   empty = tmp_path / "empty"
   empty.mkdir()
   _one_line_error(lambda: tfds_source.load(NAME, "train", data_dir=str(empty)),
-                  str(empty), "is empty", "tfds_source.prepare", tars)
+                  str(empty), "is empty", "tfds_prepare.prepare", tars)
   other = tmp_path / "other"
   (other / "mnist").mkdir(parents=True)
   _one_line_error(lambda: tfds_source.load(NAME, "train", data_dir=str(other)),
@@ -214,7 +215,7 @@ def test_prepare_errors(imagenet, tmp_path):
   _, manual_dir, _, _, _ = imagenet
   data_dir = str(tmp_path / "data")
   _one_line_error(
-      lambda: tfds_source.prepare(NAME, data_dir=data_dir,
+      lambda: tfds_prepare.prepare(NAME, data_dir=data_dir,
                                   manual_dir=str(tmp_path / "nowhere")),
       "does not exist", str(tmp_path / "nowhere"), "ILSVRC2012_img_train.tar")
   only_val = tmp_path / "only_val"
@@ -222,20 +223,20 @@ def test_prepare_errors(imagenet, tmp_path):
   os.symlink(os.path.join(manual_dir, "ILSVRC2012_img_val.tar"),
              only_val / "ILSVRC2012_img_val.tar")
   _one_line_error(
-      lambda: tfds_source.prepare(NAME, data_dir=data_dir,
+      lambda: tfds_prepare.prepare(NAME, data_dir=data_dir,
                                   manual_dir=str(only_val)),
       "lacks ILSVRC2012_img_train.tar", str(only_val))
   _one_line_error(
-      lambda: tfds_source.prepare("no_such_dataset", data_dir=data_dir,
+      lambda: tfds_prepare.prepare("no_such_dataset", data_dir=data_dir,
                                   manual_dir=manual_dir), "unknown dataset")
   with _NoNetwork() as net:
     _one_line_error(
-        lambda: tfds_source.prepare("cifar10", data_dir=data_dir,
+        lambda: tfds_prepare.prepare("cifar10", data_dir=data_dir,
                                     manual_dir=manual_dir),
         "manual-download", "never downloads")
     # A manual dataset whose builder also downloads (the subset lists).
     _one_line_error(
-        lambda: tfds_source.prepare("imagenet2012_subset/1pct",
+        lambda: tfds_prepare.prepare("imagenet2012_subset/1pct",
                                     data_dir=data_dir, manual_dir=manual_dir),
         "wants to download", "never downloads")
   assert not net.attempts
@@ -254,7 +255,7 @@ def test_open_split_picks_the_eval_split(imagenet, tmp_path):
   _one_line_error(
       lambda: tfds_source.open_split(NAME, "train", data_dir=fresh,
                                      manual_dir=manual_dir, may_prepare=False),
-      "does not exist", "tfds_source.prepare",
+      "does not exist", "tfds_prepare.prepare",
       "with several processes none prepares it")
 
 
@@ -311,12 +312,12 @@ def test_tfrecord_dataset_converts_to_array_record(tmp_path):
   name = "nfnets_tiny_images"
   message = _one_line_error(
       lambda: tfds_source.load(name, "train", data_dir=data_dir),
-      "tfrecord", "cannot be read by index", "tfds_source.convert(",
+      "tfrecord", "cannot be read by index", "tfds_prepare.convert(",
       "tfds convert_format", "--out_file_format=array_record")
   # The command in the message is the real one.
   command = message.split('python -c "')[1].split('"')[0]
   exec(command, {})  # pylint: disable=exec-used
-  tfds_source.convert(name, data_dir=data_dir)  # Again: nothing to do.
+  tfds_prepare.convert(name, data_dir=data_dir)  # Again: nothing to do.
   assert "nfnets_tiny_images-train.array_record-00001-of-00002" in os.listdir(
       version_dir)
   for split, first, count in [("train", 0, 5), ("test", 5, 3)]:
