@@ -1,7 +1,8 @@
 """Counts the kernels of the trainer's compiled step, with or without a GPU.
 
   python scripts/kernel_census.py --model=nfnet_f0 --image_size=192 \
-      [--target=h200|h100|local] [--mode=train|eval] [--dump=step.hlo] [--json]
+      [--target=h200|h100|local] [--mode=train|eval] [--top=N] [--dump=F]
+      [--json]
 
 Compiles the step that `scripts/benchmark.py` times (the trainer's own) and
 reads XLA's optimized HLO: every instruction of the entry computation that
@@ -43,6 +44,9 @@ _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny widths and depths.")
 _REMAT = flags.DEFINE_bool("remat", False, "model.kwargs.remat=True.")
 _DUMP = flags.DEFINE_string("dump", None, "Also write the optimized HLO here.")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
+_TOP = flags.DEFINE_integer(
+    "top", 0, "Also list the N groups of kernels that move the most bytes, "
+    "by the model code they come from (block numbers folded).")
 
 # Device descriptions for deviceless compilation (XLA's GpuTargetConfig text
 # format; vendor figures for the SXM parts).
@@ -107,8 +111,9 @@ def census(hlo: str, batch_size: int) -> list[dict]:
 
   Returns:
     Dicts with `name`, `kind` (`fusion:kLoop`, `custom-call:<target>`,
-    `copy`, ...), `bytes` (arrays read and written, as far as the text shows
-    them) and `batch` (whether any of them is batch-sized).
+    `copy`, ...), `op` (the JAX operation it was made from, as XLA's
+    metadata names it), `bytes` (arrays read and written, as far as the text
+    shows them) and `batch` (whether any of them is batch-sized).
   """
   computations = {m.group(1): m.group(2) for m in _COMPUTATION.finditer(hlo)}
   values = {}  # Instruction name -> its result type, for operand sizes.
@@ -136,8 +141,10 @@ def census(hlo: str, batch_size: int) -> list[dict]:
       inputs = " ".join(values.get(n, "")
                         for n in re.findall(r"%([\w.\-]+)", operands))
     arrays = _arrays(result) + _arrays(inputs)
+    op_name = re.search(r'op_name="([^"]*)"', line)
     rows.append({
         "name": name, "kind": kind,
+        "op": op_name.group(1) if op_name else "",
         "bytes": sum(b for b, _ in arrays),
         "batch": any(batch_size in shape for _, shape in arrays),
     })
@@ -162,6 +169,27 @@ def summarize(rows: list[dict]) -> dict:
       "by_kind": {k: {"kernels": v["kernels"],
                       "gbytes": round(v["gbytes"], 3)} for k, v in by_count},
   }
+
+
+def top_groups(rows: list[dict], count: int) -> list[dict]:
+  """The `count` (kind, source) groups of kernels that move the most bytes.
+
+  The source is the operation's name with the jit wrapper dropped and block
+  and stem-layer numbers folded (`nf_block_7/conv1` -> `nf_block/conv1`), so
+  a group is one layer type across the network; `transpose(jvp(...))` marks
+  the backward pass.
+  """
+  groups = collections.defaultdict(lambda: {"kernels": 0, "bytes": 0})
+  for row in rows:
+    source = re.sub(r"^jit\([^)]*\)/", "", row["op"])
+    source = re.sub(r"(nf_block|block|stem_conv)_?\d+", r"\1", source)
+    group = groups[(row["kind"], source, row["batch"])]
+    group["kernels"] += 1
+    group["bytes"] += row["bytes"]
+  ranked = sorted(groups.items(), key=lambda kv: -kv[1]["bytes"])[:count]
+  return [{"kind": kind, "source": source or "-", "batch": batch,
+           "kernels": g["kernels"], "gbytes": round(g["bytes"] / 1e9, 3)}
+          for (kind, source, batch), g in ranked]
 
 
 def main(argv):
@@ -218,16 +246,24 @@ def main(argv):
             "peak_memory_gib": round(
                 getattr(memory, "peak_memory_in_bytes", 0) / 2**30, 2),
             # Each device's program sees its slice of the batch.
-            **summarize(census(hlo, _BATCH.value // mesh.size))}
+            **summarize(rows := census(hlo, _BATCH.value // mesh.size))}
+  if _TOP.value:
+    result["top"] = top_groups(rows, _TOP.value)
   if _JSON.value:
     print(json.dumps(result))
     return
   by_kind = result.pop("by_kind")
+  top = result.pop("top", [])
   for key, value in result.items():
     print(f"{key:>14}: {value}")
   print(f"{'kernels':>8} {'GB':>8}  kind")
   for kind, value in by_kind.items():
     print(f"{value['kernels']:8d} {value['gbytes']:8.3f}  {kind}")
+  if top:
+    print(f"{'kernels':>8} {'GB':>8}  kind, source")
+  for group in top:
+    print(f"{group['kernels']:8d} {group['gbytes']:8.3f}  {group['kind']} "
+          f"({'batch' if group['batch'] else 'fixed'}), {group['source']}")
 
 
 def _gpu_devices(jax, target: str):

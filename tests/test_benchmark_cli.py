@@ -63,7 +63,7 @@ def test_kernel_census_counts_the_compiled_step():
   result = subprocess.run(
       [sys.executable, os.path.join(ROOT, "scripts", "kernel_census.py"),
        "--target=local", "--model=nfnet_f0", "--smoke", "--batch_size=232",
-       "--image_size=32", "--json"],
+       "--image_size=32", "--top=5", "--json"],
       cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
   assert result.returncode == 0, result.stderr[-2000:]
   info = json.loads(result.stdout.strip().splitlines()[-1])
@@ -77,3 +77,8 @@ def test_kernel_census_counts_the_compiled_step():
   assert convs and all(n.endswith("(batch)") for n in convs)
   assert 0 < info["fixed_kernels"] < info["kernels"]
   assert info["batch_gbytes"] > 0 and info["fixed_gbytes"] > 0
+  assert info["peak_memory_gib"] > 0
+  # The heaviest groups of kernels, by bytes moved, largest first.
+  sizes = [group["gbytes"] for group in info["top"]]
+  assert len(sizes) == 5 and sizes == sorted(sizes, reverse=True)
+  assert sizes[0] <= info["batch_gbytes"] + info["fixed_gbytes"]
