@@ -122,5 +122,3 @@ def synthetic_batch(config, mode: str,
       eye = np.eye(num_classes, dtype=dtype)
       batch[name] = lam * eye[labels] + (1 - lam) * eye[np.roll(labels, 1)]
   return batch
-
-

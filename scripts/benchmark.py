@@ -6,9 +6,10 @@
 The step is the one `experiments/train.py` runs (`nfnets.train`), built from
 the model family's config (the NFNet recipe: bfloat16 compute, float32 master
 weights, AGC, SGD + Nesterov, weight decay, EMA, stochastic depth, label
-smoothing on MixUp/CutMix soft labels). Steps are dispatched back to back as
-the trainer does (no host sync between them) and timed in rounds of 10; prints
-compile time, the median round's step time, images/s, achieved TFLOP/s and MFU (model FLOPs from the analytic MAC count: 2
+smoothing on MixUp/CutMix soft labels) by `scripts/bench_step.py`. Steps are
+dispatched back to back as the trainer does (no host sync between them) and
+timed in rounds of 10. Prints compile time, the median round's step time,
+images/s, achieved TFLOP/s and MFU (model FLOPs from the analytic MAC count: 2
 FLOPs per MAC, x3 for a training step), and peak device memory. `--smoke`
 shrinks the model (1/8 widths, one block per stage) so that it runs on a CPU in
 seconds; `--trace_dir` also records a profile of 3 steps; `--remat` measures
@@ -33,7 +34,6 @@ _BATCH = flags.DEFINE_integer("batch_size", 256, "Global batch size.")
 _IMAGE = flags.DEFINE_integer("image_size", 192, "Square input resolution.")
 _STEPS = flags.DEFINE_integer("steps", 50, "Timed steps (after warm-up).")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compiling.")
-ROUND = 10  # Steps dispatched back to back between syncs.
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "Which step.")
 _PRECISION = flags.DEFINE_enum("precision", "bfloat16",
                                ["bfloat16", "float32"], "Compute dtype.")
@@ -45,6 +45,8 @@ _JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
 _TRACE_DIR = flags.DEFINE_string(
     "trace_dir", None, "If set, also profile 3 steps with jax.profiler into "
     "this directory (TensorBoard/XProf files and a Perfetto JSON trace).")
+
+ROUND = 10  # Steps dispatched back to back between syncs.
 
 # Dense bfloat16 peak FLOP/s by device kind (vendor figures).
 PEAK_FLOPS = {

@@ -215,7 +215,7 @@ def main(argv):
     if _TARGET.value == "local":
       mesh = parallel.make_mesh()
     else:
-      mesh = Mesh(np.asarray(_gpu_devices(jax, _TARGET.value)),
+      mesh = Mesh(np.asarray(_gpu_devices(_TARGET.value)),
                   (parallel.AXIS,))
     parallel.check_batch_size(_BATCH.value, mesh, "batch_size")
   except (ValueError, RuntimeError, NotImplementedError) as e:
@@ -234,6 +234,8 @@ def main(argv):
   compile_s = time.perf_counter() - start
   hlo = compiled.as_text()
   memory = compiled.memory_analysis()
+  # Each device's program sees its slice of the batch.
+  rows = census(hlo, _BATCH.value // mesh.size)
   if _DUMP.value:
     with open(_DUMP.value, "w") as f:
       f.write(hlo)
@@ -245,8 +247,7 @@ def main(argv):
             # the program's peak (the device's own use comes on top).
             "peak_memory_gib": round(
                 getattr(memory, "peak_memory_in_bytes", 0) / 2**30, 2),
-            # Each device's program sees its slice of the batch.
-            **summarize(rows := census(hlo, _BATCH.value // mesh.size))}
+            **summarize(rows)}
   if _TOP.value:
     result["top"] = top_groups(rows, _TOP.value)
   if _JSON.value:
@@ -266,7 +267,7 @@ def main(argv):
           f"({'batch' if group['batch'] else 'fixed'}), {group['source']}")
 
 
-def _gpu_devices(jax, target: str):
+def _gpu_devices(target: str):
   """Compile-only devices of one GPU of `target`, with no GPU present."""
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   try:
@@ -278,7 +279,6 @@ def _gpu_devices(jax, target: str):
         f"cannot compile for {target} here ({str(e).splitlines()[0]}); "
         'install the CUDA plugin (pip install "jax[cuda12]") or use '
         "--target=local") from None
-  del jax
   return topology.devices
 
 
