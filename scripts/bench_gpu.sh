@@ -33,9 +33,11 @@ if [ -d .baseline/nfnets ]; then
   (cd .baseline && bench $f0 --batch_size=256 --steps=30)
 fi
 bench --model=nfnet_f0 --batch_size=256 --image_size=256 --steps=20 --mode=eval
-# XLA flags: cuDNN convolutions inside CUDA graphs (command buffers) too.
-echo "XLA_FLAGS: command buffers with cuDNN:"
-XLA_FLAGS="$base_flags --xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN" \
+# Diagnostic: the same step without CUDA graphs (XLA's command buffers, which
+# group the kernels between convolutions). How much slower it gets says how
+# much per-kernel launch cost remains, i.e. what fewer kernels would buy.
+echo "XLA_FLAGS: no command buffers:"
+XLA_FLAGS="$base_flags --xla_gpu_enable_command_buffer=" \
   bench $f0 --batch_size=256 --steps=30
 bench $f0 --batch_size=512 --steps=20
 # Memory: the same step with rematerialised blocks, then the largest batches
