@@ -1,6 +1,7 @@
 """Tests for nfnets.agc (AGC, Brock et al. 2021, Sec. 4.1)."""
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -286,3 +287,31 @@ def test_mismatched_grad_and_param_shapes_are_an_error():
   grads["vec"] = jnp.ones((3,))
   with pytest.raises(ValueError, match=r"shapes differ: \(3,\) vs \(8,\)"):
     _apply(grads, params)
+
+
+def _reductions(fn, *args) -> int:
+  """The number of reduce_sum operations in fn's jaxpr (nested included)."""
+  def count(jaxpr):
+    n = 0
+    for eqn in jaxpr.eqns:
+      n += eqn.primitive.name == "reduce_sum"
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        n += count(sub)
+    return n
+  return count(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+@pytest.mark.parametrize("copies", [5, 20])
+def test_reductions_do_not_grow_with_the_number_of_leaves(copies):
+  # On GPUs every reduction is a kernel launch: the norms of same-shaped
+  # leaves are reduced together, so 4 shapes cost the same for 20 or 80
+  # leaves (the per-unit norms, the clipped count, the global norm).
+  params, grads = {}, {}
+  for k in range(copies):
+    tree_params, tree_grads = _make_tree(seed=k)
+    params.update({f"{n}{k}": v for n, v in tree_params.items()})
+    grads.update({f"{n}{k}": v for n, v in tree_grads.items()})
+  tx = agc.adaptive_grad_clip(CLIP, EPS)
+  state = tx.init(params)
+  assert _reductions(lambda g, p: tx.update(g, state, p), grads, params) <= 6
+  assert _reductions(agc.global_norm, grads) <= 5
