@@ -20,6 +20,9 @@ fi
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 # Autotuning results shared by the runs: the same kernels are not re-tuned.
 base_flags="--xla_gpu_per_fusion_autotune_cache_dir=/tmp/xla_autotune"
+# (XLA aborts on a flag it does not know: drop it if this XLA lacks it.)
+XLA_FLAGS="$base_flags" python3 -c "import jax; jax.numpy.zeros(1).block_until_ready()" \
+  > /dev/null 2>&1 || base_flags=""
 export XLA_FLAGS="$base_flags"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import jax, optax, haiku; print('jax', jax.__version__, 'optax', optax.__version__, 'haiku', haiku.__version__, jax.devices())"
