@@ -63,11 +63,7 @@ def experiment_config(model_name: str, batch_size: int, image_size: int,
                              cutmix_alpha=0.0))
   config.precision = precision
   if smoke:
-    kwargs = dict(config.model.kwargs, width_multiplier=0.125,
-                  depths=(1, 1, 1, 1))
-    if model_name.startswith("nfnet"):
-      kwargs["group_width"] = 16
-    config.model.kwargs = kwargs
+    experiment.shrink_model(config)
   if remat:
     config.model.kwargs = dict(config.model.kwargs, remat=True)
   experiment.validate(config)

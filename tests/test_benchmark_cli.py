@@ -29,6 +29,17 @@ def test_train_step_benchmark_json():
   assert 0 < info["mfu"] < 1
 
 
+
+def test_smoke_benchmark_of_a_resnet_family():
+  # --smoke shrinks each family as its config's smoke=True does (ResNets
+  # take no `depths`: passing one made this fail before).
+  result = _benchmark("--model=nf_resnet26", "--smoke",
+                      "--precision=float32", "--batch_size=16",
+                      "--image_size=32", "--steps=1", "--warmup=0", "--json")
+  assert result.returncode == 0, result.stderr[-2000:]
+  info = json.loads(result.stdout.strip().splitlines()[-1])
+  assert info["model"] == "nf_resnet26" and info["step_ms"] > 0
+
 def test_bad_benchmark_arguments_are_one_line_errors():
   result = _benchmark("--model=nfnet_f0", "--smoke", "--batch_size=12",
                       "--image_size=32", "--steps=1")
