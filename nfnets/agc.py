@@ -142,23 +142,26 @@ def clip_unitwise(
     raise ValueError(
         f"grad and param shapes differ: {grad.shape} vs {param.shape}.")
   g_norm, p_norm = (jnp.sqrt(n) for n in unit_sum_squares([grad, param]))
-  new_grad, clip = _clip(grad, g_norm, p_norm, clipping, eps)
-  return new_grad, jnp.sum(clip, dtype=jnp.int32), int(g_norm.size)
+  max_norm, clip = _limits(g_norm, p_norm, clipping, eps)
+  return (_clip(grad, g_norm, max_norm, clip),
+          jnp.sum(clip, dtype=jnp.int32), int(g_norm.size))
 
 
-def _clip(grad: jax.Array, g_norm: jax.Array, p_norm: jax.Array,
-          clipping: float, eps: float) -> tuple[jax.Array, jax.Array]:
-  """`clip_unitwise` given the unit norms: (clipped grad, clipped units).
-
-  The second result is the boolean mask of clipped units (g_norm's shape).
-  """
+def _limits(g_norm: jax.Array, p_norm: jax.Array, clipping: float,
+            eps: float) -> tuple[jax.Array, jax.Array]:
+  """Per unit: the largest allowed grad norm, and whether it is exceeded."""
   max_norm = clipping * jnp.maximum(p_norm, eps)
-  clip = g_norm > max_norm
+  return max_norm, g_norm > max_norm
+
+
+def _clip(grad: jax.Array, g_norm: jax.Array, max_norm: jax.Array,
+          clip: jax.Array) -> jax.Array:
+  """Rescales the units of `grad` flagged in `clip` to norm `max_norm`."""
   scale = max_norm / jnp.maximum(g_norm, _DIV_EPS)
   clipped = (grad.astype(jnp.float32) * scale).astype(grad.dtype)
   # Selecting (rather than scaling by min(1, scale)) keeps unclipped units
   # bit-identical to the input, even for low-precision grads.
-  return jnp.where(clip, clipped, grad), clip
+  return jnp.where(clip, clipped, grad)
 
 
 def _resolve_mask(mask: MaskOrFn, params: Any) -> list[bool]:
@@ -242,9 +245,12 @@ def adaptive_grad_clip(
       half = len(indices) // 2
       g_norms, p_norms = jnp.sqrt(sums[:half]), jnp.sqrt(sums[half:])
       for j, k in enumerate(indices[:half]):
-        new_grads[clipped[k]] = _clip(grads[clipped[k]], g_norms[j],
-                                      p_norms[j], clipping, eps)[0]
-      flags.append(jnp.ravel(g_norms > clipping * jnp.maximum(p_norms, eps)))
+        # Decided again per leaf (a few elementwise ops): XLA then fuses the
+        # decision into the leaf's update instead of slicing stacked flags.
+        new_grads[clipped[k]] = _clip(
+            grads[clipped[k]], g_norms[j],
+            *_limits(g_norms[j], p_norms[j], clipping, eps))
+      flags.append(jnp.ravel(_limits(g_norms, p_norms, clipping, eps)[1]))
     # One count over every unit's flag, from the stacked norms.
     flags = jnp.concatenate(flags) if flags else jnp.zeros((0,), bool)
     fraction = (jnp.sum(flags, dtype=jnp.int32).astype(jnp.float32) /
