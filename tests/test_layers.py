@@ -209,6 +209,21 @@ def test_stochastic_depth_is_per_example_and_unbiased():
   assert np.array_equal(off.apply(None, None, x), x)
 
 
+@pytest.mark.parametrize("is_training", [True, False])
+def test_stochastic_depth_folds_a_per_channel_scale(is_training):
+  x = jax.random.normal(jax.random.PRNGKey(0), (64, 2, 2, 3))
+  scale = jnp.asarray([0.5, -2.0, 3.0])  # e.g. skip gain times an SE gate
+  drop = lambda s: hk.transform(  # pylint: disable=g-long-lambda
+      lambda x: layers.stochastic_depth(x, 0.25, is_training, s))
+  rng = jax.random.PRNGKey(1)
+  np.testing.assert_allclose(drop(scale).apply(None, rng, x),
+                             drop(1.0).apply(None, rng, x) * scale,
+                             rtol=1e-6)
+  # bfloat16 in, bfloat16 out: the scale is cast once.
+  assert drop(scale).apply(None, rng, x.astype(jnp.bfloat16)).dtype == (
+      jnp.bfloat16)
+
+
 def test_squeeze_excite_gate():
   f = hk.transform(lambda x: layers.SqueezeExcite(8, 4)(x))
   x = jax.random.normal(jax.random.PRNGKey(0), (3, 5, 5, 8))
@@ -218,3 +233,19 @@ def test_squeeze_excite_gate():
   assert np.all((gate > 0) & (gate < 1))
   assert sorted(params) == ["squeeze_excite/~/linear",
                             "squeeze_excite/~/linear_1"]
+
+
+@pytest.mark.parametrize("name", ["gelu", "relu", "silu", "elu", "softplus"])
+def test_scaled_activation_backward_keeps_only_its_input(name):
+  x = jax.random.normal(jax.random.PRNGKey(2), (4, 6, 6, 8))
+  scaled = layers.scaled_activation(name)
+  _, backward = jax.vjp(scaled, x)
+  # What the backward pass holds on to: the input alone (GELU's plain VJP
+  # keeps five more arrays, its tanh among them).
+  residuals = [r for r in jax.tree.leaves(backward) if r.size > 1]
+  assert len(residuals) == 1 and np.array_equal(residuals[0], x)
+  # Recomputing gives the plain formula's gradient.
+  g = jax.random.normal(jax.random.PRNGKey(3), x.shape)
+  plain = lambda v: layers.ACTIVATIONS[name](v) * layers.GAMMAS[name]
+  np.testing.assert_allclose(backward(g)[0], jax.vjp(plain, x)[1](g)[0],
+                             rtol=1e-6, atol=1e-7)

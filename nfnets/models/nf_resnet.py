@@ -67,9 +67,10 @@ class NFResBlock(hk.Module):
     out = self.conv1(self.activation(out))
     out = self.conv2(self.activation(out))
     _, res_var = layers.signal_metrics(out)
-    out = layers.stochastic_depth(out, self.drop_rate, is_training)
     skip_gain = hk.get_parameter("skip_gain", (), init=jnp.zeros)
-    return out * (skip_gain * self.alpha).astype(out.dtype) + shortcut, res_var
+    out = layers.stochastic_depth(out, self.drop_rate, is_training,
+                                  skip_gain.astype(jnp.float32) * self.alpha)
+    return out + shortcut, res_var
 
 
 class NFResNet(hk.Module):

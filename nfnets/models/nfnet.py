@@ -106,12 +106,17 @@ class NFBlock(hk.Module):
     out = self.conv1(self.activation(out))
     out = self.conv1b(self.activation(out))
     out = self.conv2(self.activation(out))
-    if self.se is not None:
-      out = 2.0 * self.se(out).astype(out.dtype) * out
-    _, res_var = layers.signal_metrics(out)
-    out = layers.stochastic_depth(out, self.drop_rate, is_training)
     skip_gain = hk.get_parameter("skip_gain", (), init=jnp.zeros)
-    return out * (skip_gain * self.alpha).astype(out.dtype) + shortcut, res_var
+    scale = skip_gain.astype(jnp.float32) * self.alpha
+    if self.se is not None:
+      gate = 2.0 * self.se(out).astype(jnp.float32)
+      scale = scale * gate
+      # The gated branch itself is only needed for the signal metrics.
+      _, res_var = layers.signal_metrics(gate * out)
+    else:
+      _, res_var = layers.signal_metrics(out)
+    out = layers.stochastic_depth(out, self.drop_rate, is_training, scale)
+    return out + shortcut, res_var
 
 
 class NFNet(hk.Module):
