@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nfnets import conv
+
 Activation = Callable[[jax.Array], jax.Array]
 
 # The activations the models can use, by name. GELU is the tanh approximation,
@@ -238,10 +240,7 @@ class WSConv2D(hk.Module):
       kernel = standardize_weight(w, gain, self.eps)
     else:
       kernel = w.astype(jnp.float32) * gain.astype(jnp.float32)
-    out = jax.lax.conv_general_dilated(
-        x, kernel.astype(x.dtype), window_strides=self.stride,
-        padding="SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=groups)
+    out = conv.conv2d(x, kernel.astype(x.dtype), self.stride, groups)
     return out + bias.astype(out.dtype)
 
 

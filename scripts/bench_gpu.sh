@@ -35,6 +35,10 @@ if [ -d .baseline/nfnets ]; then
   echo "baseline:"
   (cd .baseline && bench $f0 --batch_size=256 --steps=30)
 fi
+# The strided grouped convolutions' input gradient: polyphase (the models')
+# against XLA's zero-interleaved one, forward + backward, F0 at batch 256.
+python3 scripts/bench_conv.py --batch_size=256 --image_size=192 --json \
+  2>/tmp/err.txt | tee -a "$log" || tail -3 /tmp/err.txt
 bench --model=nfnet_f0 --batch_size=256 --image_size=256 --steps=20 --mode=eval
 # Diagnostic: the same step without CUDA graphs (XLA's command buffers, which
 # group the kernels between convolutions). How much slower it gets says how

@@ -29,7 +29,6 @@ def test_train_step_benchmark_json():
   assert 0 < info["mfu"] < 1
 
 
-
 def test_smoke_benchmark_of_a_resnet_family():
   # --smoke shrinks each family as its config's smoke=True does (ResNets
   # take no `depths`: passing one made this fail before).
@@ -39,6 +38,7 @@ def test_smoke_benchmark_of_a_resnet_family():
   assert result.returncode == 0, result.stderr[-2000:]
   info = json.loads(result.stdout.strip().splitlines()[-1])
   assert info["model"] == "nf_resnet26" and info["step_ms"] > 0
+
 
 def test_bad_benchmark_arguments_are_one_line_errors():
   result = _benchmark("--model=nfnet_f0", "--smoke", "--batch_size=12",
@@ -93,3 +93,25 @@ def test_kernel_census_counts_the_compiled_step():
   sizes = [group["gbytes"] for group in info["top"]]
   assert len(sizes) == 5 and sizes == sorted(sizes, reverse=True)
   assert sizes[0] <= info["batch_gbytes"] + info["fixed_gbytes"]
+
+
+def test_conv_benchmark_times_both_input_gradients():
+  script = os.path.join(ROOT, "scripts", "bench_conv.py")
+  run = lambda *flags: subprocess.run(  # pylint: disable=g-long-lambda
+      [sys.executable, script, *flags], cwd=ROOT, capture_output=True,
+      text=True, timeout=300, check=False)
+  result = run("--batch_size=2", "--image_size=64", "--width_multiplier=0.25",
+               "--group_width=16", "--steps=1", "--json")
+  assert result.returncode == 0, result.stderr[-2000:]
+  info = json.loads(result.stdout.strip().splitlines()[-1])
+  # F0's strided stages 2-4 at 64 px: 16x16, 8x8, 4x4 inputs.
+  assert [(c["size"], c["channels"], c["groups"]) for c in info["convs"]] == [
+      (16, 64, 4), (8, 192, 12), (4, 192, 12)]
+  assert all(c["polyphase_ms"] > 0 and c["xla_ms"] > 0
+             for c in info["convs"])
+  # One training call's MACs, 3x the forward's: batch 2, 8x8 outputs of 64
+  # channels, 9 taps of 16 input channels each.
+  assert info["convs"][0]["macs"] == 3 * 2 * 8 * 8 * 64 * 9 * 16
+  bad = run("--variant=F9")
+  assert bad.returncode != 0 and "unknown NFNet variant" in bad.stderr
+  assert "Traceback" not in bad.stderr
