@@ -15,7 +15,9 @@ its gradient from a stride-1 convolution of the output gradient with the
 taps of the kernel that reach it (2x2, 2x1, 1x2 and 1x1 taps for a 3x3
 kernel at stride 2), and the phases are interleaved. The multiply-adds are
 those of the forward convolution, with no zeros. Other convolutions use
-XLA's own gradients.
+XLA's own gradients. The polyphase gradient is a custom VJP, so strided
+grouped convolutions are differentiable in reverse mode only (as is the
+weight standardization of `nfnets.layers`).
 """
 
 import functools
