@@ -1,8 +1,8 @@
 """Counts the kernels of the trainer's compiled step, with or without a GPU.
 
   python scripts/kernel_census.py --model=nfnet_f0 --image_size=192 \
-      [--target=h200|h100|local] [--mode=train|eval] [--top=N] [--dump=F]
-      [--json]
+      [--target=h200|h100|local] [--mode=train|eval] [--top=N]
+      [--list=REGEX] [--dump=F] [--json]
 
 Compiles the step that `scripts/benchmark.py` times (the trainer's own) and
 reads XLA's optimized HLO: every instruction of the entry computation that
@@ -44,6 +44,10 @@ _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny widths and depths.")
 _REMAT = flags.DEFINE_bool("remat", False, "model.kwargs.remat=True.")
 _DUMP = flags.DEFINE_string("dump", None, "Also write the optimized HLO here.")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
+_LIST = flags.DEFINE_string(
+    "list", None, "Also list, in program order, every kernel whose JAX "
+    "operation matches this regular expression (e.g. 'nf_block_5/' for one "
+    "block, forward and backward): kind, bytes, result type, operation.")
 _TOP = flags.DEFINE_integer(
     "top", 0, "Also list the N groups of kernels that move the most bytes, "
     "by the model code they come from (block numbers folded).")
@@ -143,7 +147,7 @@ def census(hlo: str, batch_size: int) -> list[dict]:
     arrays = _arrays(result) + _arrays(inputs)
     op_name = re.search(r'op_name="([^"]*)"', line)
     rows.append({
-        "name": name, "kind": kind,
+        "name": name, "kind": kind, "result": result,
         "op": op_name.group(1) if op_name else "",
         "bytes": sum(b for b, _ in arrays),
         "batch": any(batch_size in shape for _, shape in arrays),
@@ -195,6 +199,11 @@ def top_groups(rows: list[dict], count: int) -> list[dict]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    pattern = re.compile(_LIST.value) if _LIST.value else None
+  except re.error as e:
+    raise SystemExit(f"error: bad --list pattern {_LIST.value!r}: {e}"
+                     ) from None
   if _TARGET.value != "local":
     # Deviceless: only the CPU backend starts; the GPU is a description.
     os.environ["JAX_PLATFORMS"] = "cpu"
@@ -250,11 +259,17 @@ def main(argv):
             **summarize(rows)}
   if _TOP.value:
     result["top"] = top_groups(rows, _TOP.value)
+  if pattern:
+    result["listed"] = [
+        {"kind": r["kind"], "batch": r["batch"], "bytes": r["bytes"],
+         "result": r["result"], "op": r["op"]}
+        for r in rows if pattern.search(r["op"])]
   if _JSON.value:
     print(json.dumps(result))
     return
   by_kind = result.pop("by_kind")
   top = result.pop("top", [])
+  listed = result.pop("listed", [])
   for key, value in result.items():
     print(f"{key:>14}: {value}")
   print(f"{'kernels':>8} {'GB':>8}  kind")
@@ -265,6 +280,13 @@ def main(argv):
   for group in top:
     print(f"{group['kernels']:8d} {group['gbytes']:8.3f}  {group['kind']} "
           f"({'batch' if group['batch'] else 'fixed'}), {group['source']}")
+  if _LIST.value:
+    print(f"{len(listed)} kernels match {_LIST.value!r}, "
+          f"{sum(k['bytes'] for k in listed) / 1e9:.3f} GB:")
+  for k in listed:
+    op = re.sub(r"^jit\([^)]*\)/", "", k["op"])
+    print(f"{k['bytes'] / 1e6:10.1f} MB  {k['kind']} "
+          f"({'batch' if k['batch'] else 'fixed'}) {k['result'][:60]}  {op}")
 
 
 def _gpu_devices(target: str):

@@ -74,7 +74,7 @@ def test_kernel_census_counts_the_compiled_step():
   result = subprocess.run(
       [sys.executable, os.path.join(ROOT, "scripts", "kernel_census.py"),
        "--target=local", "--model=nfnet_f0", "--smoke", "--batch_size=232",
-       "--image_size=32", "--top=5", "--json"],
+       "--image_size=32", "--top=5", "--list=stem_conv1/", "--json"],
       cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
   assert result.returncode == 0, result.stderr[-2000:]
   info = json.loads(result.stdout.strip().splitlines()[-1])
@@ -93,6 +93,18 @@ def test_kernel_census_counts_the_compiled_step():
   sizes = [group["gbytes"] for group in info["top"]]
   assert len(sizes) == 5 and sizes == sorted(sizes, reverse=True)
   assert sizes[0] <= info["batch_gbytes"] + info["fixed_gbytes"]
+  # --list: the kernels of one layer, forward and backward, in order.
+  listed = info["listed"]
+  assert listed and all("stem_conv1/" in k["op"] for k in listed)
+  # Forward first (the convolution), then the backward pass.
+  assert "transpose(jvp" not in listed[0]["op"]
+  assert any("transpose(jvp" in k["op"] for k in listed)
+  bad = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "scripts", "kernel_census.py"),
+       "--target=local", "--list=conv("],
+      cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+  assert bad.returncode != 0 and "bad --list pattern 'conv('" in bad.stderr
+  assert "Traceback" not in bad.stderr
 
 
 def test_conv_benchmark_times_both_input_gradients():
