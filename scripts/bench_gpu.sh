@@ -29,7 +29,12 @@ python3 -c "import jax, optax, haiku; print('jax', jax.__version__, 'optax', opt
 log=${OUT:-/tmp}/bench.jsonl
 bench() { python3 scripts/benchmark.py --json "$@" 2>/tmp/err.txt | tee -a "$log" || tail -3 /tmp/err.txt; }
 f0="--model=nfnet_f0 --image_size=192"
-bench $f0 --batch_size=256 --steps=30
+# The headline run also records a 3-step profile after its timing; its
+# summary per kernel says where the F0 step's time goes.
+trace_dir=${OUT:-/tmp}/trace
+bench $f0 --batch_size=256 --steps=30 --trace_dir="$trace_dir"
+trace=$(find "$trace_dir" -name "*trace.json.gz" 2>/dev/null | head -1)
+[ -n "$trace" ] && python3 scripts/kernel_times.py "$trace" --top=40
 if [ -d .baseline/nfnets ]; then
   cp scripts/benchmark.py scripts/bench_step.py .baseline/scripts/
   echo "baseline:"
@@ -52,9 +57,3 @@ bench $f0 --batch_size=512 --steps=20
 bench $f0 --batch_size=256 --steps=20 --remat
 bench $f0 --batch_size=1024 --steps=5
 bench $f0 --batch_size=2048 --steps=5 --remat
-# Where the F0 step's time goes: a 3-step profile summed per kernel.
-trace_dir=${OUT:-/tmp}/trace
-python3 scripts/benchmark.py $f0 --batch_size=256 --steps=10 \
-  --trace_dir="$trace_dir" > /dev/null 2>/tmp/err.txt || tail -3 /tmp/err.txt
-trace=$(find "$trace_dir" -name "*trace.json.gz" | head -1)
-[ -n "$trace" ] && python3 scripts/kernel_times.py "$trace" --top=40
