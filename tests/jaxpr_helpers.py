@@ -1,7 +1,22 @@
-"""Counting operations in a function's jaxpr: design checks without a GPU."""
+"""Reading a function's jaxpr: design checks without a GPU."""
 
 import jax
 import jax.extend
+
+
+def primitive_params(fn, name: str, *args) -> list[dict]:
+  """The params of each `name` operation `fn(*args)` traces to, nested
+  jaxprs included, in trace order."""
+  found = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == name:
+        found.append(eqn.params)
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        walk(sub)
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return found
 
 
 def count_primitive(fn, name: str, *args) -> int:
@@ -11,9 +26,4 @@ def count_primitive(fn, name: str, *args) -> int:
   this to check that reductions do not multiply with the number of leaves or
   layers.
   """
-  def count(jaxpr):
-    return sum((eqn.primitive.name == name) +
-               sum(count(sub) for sub in
-                   jax.extend.core.jaxprs_in_params(eqn.params))
-               for eqn in jaxpr.eqns)
-  return count(jax.make_jaxpr(fn)(*args).jaxpr)
+  return len(primitive_params(fn, name, *args))

@@ -3,11 +3,11 @@
 import itertools
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxpr_helpers import primitive_params
 from nfnets import conv
 
 
@@ -58,16 +58,8 @@ def test_bfloat16_gradients_equal_xlas():
 
 def _lhs_dilations(fn, *args):
   """The input dilations of every convolution `fn(*args)` traces to."""
-  found = []
-
-  def walk(jaxpr):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name == "conv_general_dilated":
-        found.append(tuple(eqn.params["lhs_dilation"]))
-      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-        walk(sub)
-  walk(jax.make_jaxpr(fn)(*args).jaxpr)
-  return found
+  return [tuple(p["lhs_dilation"]) for p in
+          primitive_params(fn, "conv_general_dilated", *args)]
 
 
 def test_strided_grouped_input_gradient_has_no_zero_interleaving():
