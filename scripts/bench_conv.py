@@ -21,9 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import bench_step  # scripts/bench_step.py; puts the repo on sys.path  # pylint: disable=unused-import
-from nfnets import conv  # pylint: disable=g-import-not-at-top,wrong-import-position
-from nfnets.models import nfnet  # pylint: disable=g-import-not-at-top,wrong-import-position
+from nfnets import conv
+from nfnets.models import nfnet
 
 _VARIANT = flags.DEFINE_string("variant", "F0", "NFNet variant (widths).")
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Batch size.")
