@@ -13,6 +13,8 @@ ratio; MACs per call count the forward and both gradients (3x forward).
 """
 
 import json
+import os
+import sys
 import time
 
 from absl import app
@@ -21,8 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nfnets import conv
-from nfnets.models import nfnet
+# Runnable from a checkout that is not installed (the GPU machine's).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from nfnets import conv  # pylint: disable=g-import-not-at-top,wrong-import-position
+from nfnets.models import nfnet  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _VARIANT = flags.DEFINE_string("variant", "F0", "NFNet variant (widths).")
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Batch size.")
