@@ -4,15 +4,15 @@ import jax
 import jax.extend
 
 
-def primitive_params(fn, name: str, *args) -> list[dict]:
-  """The params of each `name` operation `fn(*args)` traces to, nested
-  jaxprs included, in trace order."""
+def find_eqns(fn, name: str, *args) -> list:
+  """Each `name` operation (a jaxpr equation: `.params`, `.invars`) that
+  `fn(*args)` traces to, nested jaxprs included, in trace order."""
   found = []
 
   def walk(jaxpr):
     for eqn in jaxpr.eqns:
       if eqn.primitive.name == name:
-        found.append(eqn.params)
+        found.append(eqn)
       for sub in jax.extend.core.jaxprs_in_params(eqn.params):
         walk(sub)
   walk(jax.make_jaxpr(fn)(*args).jaxpr)
@@ -26,4 +26,4 @@ def count_primitive(fn, name: str, *args) -> int:
   this to check that reductions do not multiply with the number of leaves or
   layers.
   """
-  return len(primitive_params(fn, name, *args))
+  return len(find_eqns(fn, name, *args))

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpr_helpers import primitive_params
+from jaxpr_helpers import find_eqns
 from nfnets import conv
 
 
@@ -58,8 +58,8 @@ def test_bfloat16_gradients_equal_xlas():
 
 def _lhs_dilations(fn, *args):
   """The input dilations of every convolution `fn(*args)` traces to."""
-  return [tuple(p["lhs_dilation"]) for p in
-          primitive_params(fn, "conv_general_dilated", *args)]
+  return [tuple(e.params["lhs_dilation"]) for e in
+          find_eqns(fn, "conv_general_dilated", *args)]
 
 
 def test_strided_grouped_input_gradient_has_no_zero_interleaving():

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from jaxpr_helpers import count_primitive
+from jaxpr_helpers import find_eqns
 from nfnets import layers
 
 # SPEC.md's gamma table (ICLR 2021, App. D), checked independently of the
@@ -249,3 +250,16 @@ def test_scaled_activation_backward_keeps_only_its_input(name):
   plain = lambda v: layers.ACTIVATIONS[name](v) * layers.GAMMAS[name]
   np.testing.assert_allclose(backward(g)[0], jax.vjp(plain, x)[1](g)[0],
                              rtol=1e-6, atol=1e-7)
+
+
+def test_scaled_activation_backward_fences_only_its_input():
+  # The recomputation is kept apart from the forward pass by an optimization
+  # barrier on the saved input alone: a barrier on the incoming gradient
+  # (`jax.checkpoint` puts one on all its inputs when it lowers) would keep
+  # the gradient's producer from fusing into the backward kernel.
+  x = jnp.ones((2, 4, 4, 8))
+  scaled = layers.scaled_activation("gelu")
+  grad = jax.grad(lambda v: jnp.sum(scaled(v) * jnp.arange(8.0)))
+  barriers = find_eqns(grad, "optimization_barrier", x)
+  assert len(barriers) == 1 and len(barriers[0].invars) == 1
+  assert barriers[0].invars[0].aval.shape == x.shape
