@@ -45,7 +45,7 @@ def strided_grouped_convs(variant: str, image_size: int, group_width: int,
   size = image_size // 4  # after the stem
   convs = []
   for width, stride in zip(widths, nfnet.STRIDES):
-    mid = int(int(width * width_multiplier) * 0.5) // group_width * group_width
+    mid = nfnet.bottleneck_width(int(width * width_multiplier), group_width)
     if stride > 1:
       convs.append({"size": size, "channels": mid,
                     "groups": mid // group_width})

@@ -12,8 +12,9 @@ timed in rounds of 10. Prints compile time, the median round's step time,
 images/s, achieved TFLOP/s and MFU (model FLOPs from the analytic MAC count: 2
 FLOPs per MAC, x3 for a training step), and peak device memory. `--smoke`
 shrinks the model as the configs' `smoke=True` does
-(`experiment.shrink_model`), so that it runs on a CPU in seconds; `--trace_dir` also records a profile of 3 steps; `--remat` measures
-the rematerialising model (`model.kwargs.remat=True`).
+(`experiment.shrink_model`), so that it runs on a CPU in seconds;
+`--trace_dir` also records a profile of 3 steps; `--remat` measures the
+rematerialising model (`model.kwargs.remat=True`).
 """
 
 import json

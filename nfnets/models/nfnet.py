@@ -53,6 +53,11 @@ def parse_variant(variant: str) -> tuple[Variant, tuple[int, ...]]:
   return VARIANTS[base], (PLUS_WIDTHS if variant.endswith("+") else WIDTHS)
 
 
+def bottleneck_width(out_channels: int, group_width: int) -> int:
+  """An NFNet block's grouped-conv width: half its output, in whole groups."""
+  return int(out_channels * 0.5) // group_width * group_width
+
+
 class NFBlock(hk.Module):
   """The NFNet bottleneck block: `h + alpha * skip_gain * f(act(h) * beta)`.
 
@@ -73,7 +78,7 @@ class NFBlock(hk.Module):
     self.alpha = alpha
     self.activation = activation
     self.drop_rate = drop_rate
-    width = int(out_channels * 0.5) // group_width * group_width
+    width = bottleneck_width(out_channels, group_width)
     groups = width // group_width
     conv = lambda ch, k, **kw: layers.WSConv2D(  # pylint: disable=g-long-lambda
         ch, k, standardize=standardize, **kw)
