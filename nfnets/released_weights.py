@@ -5,7 +5,10 @@ pickles (written with dill in 2021) of a Haiku params mapping
 `{module_path: {param_name: float32 array}}`, possibly wrapped in container
 classes of that era's Haiku (`FlatMapping`) that no longer exist. They are read
 here without dill and without executing code: a restricted unpickler admits
-only numpy arrays, dtypes and mapping containers. `save_safe` writes a plain
+only numpy arrays, dtypes and mapping containers, including the forms in which
+dill writes arrays (numpy's `_reconstruct` reached through dill's
+`_import_module` and `_get_attr` up to dill 0.3.4, `_create_array` from dill
+0.3.6 on). `save_safe` writes a plain
 `.npz` of named arrays that `load` then reads with no unpickling at all, and
 `save_released` writes any params tree back in the released pickle layout.
 """
@@ -24,10 +27,16 @@ Params = dict[str, dict[str, np.ndarray]]
 _KEY_SEP = ":"
 _ZIP_MAGIC = b"PK\x03\x04"
 
+# numpy 1.x names its array module numpy.core, numpy 2 numpy._core; pickle
+# writes the public module, dill the extension module that defines the function.
+_NUMPY_ARRAY_MODULES = {
+    f"numpy.{core}.{module}" for core in ("core", "_core")
+    for module in ("multiarray", "_multiarray_umath")
+}
 _NUMPY_GLOBALS = {
-    (m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray")
-    for n in ("_reconstruct", "scalar")
+    (m, n) for m in _NUMPY_ARRAY_MODULES for n in ("_reconstruct", "scalar")
 } | {("numpy", "ndarray"), ("numpy", "dtype")}
+_DILL_MODULES = ("dill._dill", "dill.dill")
 # Mapping containers of old and current Haiku and the standard library.
 _MAPPING_GLOBALS = {
     ("haiku._src.data_structures", "FlatMapping"),
@@ -67,32 +76,80 @@ class _RestrictedUnpickler(pickle.Unpickler):
   """Admits numpy arrays and mappings; refuses every other global."""
 
   def find_class(self, module: str, name: str):
-    # Protocol 0-2 pickles name Python 2 modules (copy_reg, __builtin__).
-    if (module, name) in _compat_pickle.NAME_MAPPING:
-      module, name = _compat_pickle.NAME_MAPPING[(module, name)]
-    module = _compat_pickle.IMPORT_MAPPING.get(module, module)
-    if (module, name) in _NUMPY_GLOBALS:
-      if name == "_reconstruct":
-        return _reconstruct
-      if name == "scalar":
-        return _scalar
-      return getattr(np, name)
-    if (module, name) in _MAPPING_GLOBALS:
-      return _Mapping
-    if (module, name) == ("copyreg", "_reconstructor"):
-      return _reconstructor_of_mapping
-    if (module, name) == ("_codecs", "encode"):
-      return _latin1_bytes  # how protocol 0-2 pickles store bytes
-    if (module, name) == ("builtins", "object"):
-      return object  # the reconstructor's base-class argument; inert
-    raise pickle.UnpicklingError(
-        f"refusing to unpickle {module}.{name}: only numpy arrays and "
-        "mappings are allowed (unpickling other objects can run code)")
+    return _admitted_global(module, name)
+
+
+def _admitted_global(module: str, name: str):
+  """What a pickle's reference to `module.name` loads as, if admitted."""
+  # Protocol 0-2 pickles name Python 2 modules (copy_reg, __builtin__).
+  if (module, name) in _compat_pickle.NAME_MAPPING:
+    module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+  module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+  if (module, name) in _NUMPY_GLOBALS:
+    if name == "_reconstruct":
+      return _reconstruct
+    if name == "scalar":
+      return _scalar
+    return getattr(np, name)
+  if module in _DILL_MODULES and name in _DILL_GLOBALS:
+    return _DILL_GLOBALS[name]
+  if (module, name) in _MAPPING_GLOBALS:
+    return _Mapping
+  if (module, name) == ("copyreg", "_reconstructor"):
+    return _reconstructor_of_mapping
+  if (module, name) == ("_codecs", "encode"):
+    return _latin1_bytes  # how protocol 0-2 pickles store bytes
+  if (module, name) == ("builtins", "object"):
+    return object  # the reconstructor's base-class argument; inert
+  raise pickle.UnpicklingError(
+      f"refusing to unpickle {module}.{name}: only numpy arrays and "
+      "mappings are allowed (unpickling other objects can run code)")
 
 
 def _reconstruct(cls, shape, dtype):
   del cls  # always a plain ndarray
   return np.ndarray.__new__(np.ndarray, shape, dtype)
+
+
+class _ModuleName(str):
+  """A module named by dill's `_import_module`, not imported."""
+
+
+# dill (0.3.4 and older) pickles a C function, such as numpy's
+# `_reconstruct` or `_codecs.encode`, as `_get_attr(_import_module(m), name)`.
+_DILL_IMPORTABLE = {
+    m for m, _ in _NUMPY_GLOBALS | _MAPPING_GLOBALS} | {"_codecs"}
+
+
+def _dill_import_module(name, safe=False):
+  del safe
+  if name not in _DILL_IMPORTABLE:
+    raise pickle.UnpicklingError(f"refusing to import {name}: only numpy's "
+                                 "array modules and mappings are allowed")
+  return _ModuleName(name)
+
+
+def _dill_get_attr(module, name):
+  if not isinstance(module, _ModuleName):
+    raise pickle.UnpicklingError(f"refusing to get {name} from {module!r}")
+  return _admitted_global(module, name)
+
+
+def _dill_create_array(constructor, args, state, npdict=None):
+  """dill >= 0.3.6's array record: numpy's `_reconstruct`, then its state."""
+  if constructor is not _reconstruct or npdict:
+    raise pickle.UnpicklingError("refusing an array record of dill that is "
+                                 "not a plain numpy array")
+  array = constructor(*args)
+  array.__setstate__(state)
+  return array
+
+
+_DILL_GLOBALS = {
+    "_import_module": _dill_import_module,
+    "_get_attr": _dill_get_attr,
+    "_create_array": _dill_create_array,
+}
 
 
 def _reconstructor_of_mapping(cls, base, state):

@@ -1,9 +1,11 @@
 """Released DeepMind weights: safe loading, checks, round trips, predict."""
 
 import copyreg
+import glob
 import json
 import os
 import pickle
+import runpy
 import subprocess
 import sys
 
@@ -147,6 +149,41 @@ def test_code_in_a_pickle_is_refused_not_run(tmp_path):
                      r"(posix|os)\.system"):
     released_weights.load(str(path))
   assert not os.path.exists(marker)
+
+
+_DILL_DIR = os.path.join(ROOT, "tests", "data")
+_DILL_FILES = sorted(glob.glob(os.path.join(_DILL_DIR, "dill-*.pkl")))
+
+
+@pytest.mark.parametrize("path", _DILL_FILES, ids=os.path.basename)
+def test_pickles_written_by_dill_load_exactly(path):
+  """dill 0.3.3 (as in 2021: numpy reached through dill's helpers) and 0.4.1."""
+  assert len(_DILL_FILES) == 4
+  expected = runpy.run_path(os.path.join(
+      _DILL_DIR, "make_dill_pickles.py"))["params_tree"]()
+  loaded = released_weights.load(path)
+  _assert_trees_equal(loaded, expected)
+  for module, leaves in expected.items():
+    for name, value in leaves.items():
+      assert loaded[module][name].dtype == value.dtype
+      assert loaded[module][name].shape == np.shape(value)
+
+
+def test_dill_helpers_reach_only_numpy_array_constructors(tmp_path):
+  # dill._dill._get_attr(dill._dill._import_module('os'), 'system'), protocol 2.
+  os_system = (b"\x80\x02cdill._dill\n_get_attr\ncdill._dill\n_import_module\n"
+               b"X\x02\x00\x00\x00os\x85RX\x06\x00\x00\x00system\x86R.")
+  (tmp_path / "os.pkl").write_bytes(os_system)
+  with pytest.raises(ValueError, match="refusing to import os"):
+    released_weights.load(str(tmp_path / "os.pkl"))
+  # The same from numpy's array module: a name other than its constructors.
+  umath = b"numpy.core._multiarray_umath"
+  getattr_of_numpy = os_system.replace(
+      b"X\x02\x00\x00\x00os", b"X" + len(umath).to_bytes(4, "little") + umath)
+  (tmp_path / "np.pkl").write_bytes(getattr_of_numpy)
+  with pytest.raises(ValueError, match="refusing to unpickle "
+                     "numpy.core._multiarray_umath.system"):
+    released_weights.load(str(tmp_path / "np.pkl"))
 
 
 def test_truncated_foreign_and_missing_files_are_clear_errors(
