@@ -84,7 +84,11 @@ def base_config() -> ml_collections.ConfigDict:
       # step uses the all-device gradient (False: per device, as for F6).
       sam_rho=0.0, sam_sync=True))
   c.label_smoothing = 0.1
-  c.ema = ml_collections.ConfigDict(dict(decay=0.99999, warmup=False))
+  # The released NFNet code warms the decay up ('tf1_ema', see
+  # `train.ema_decay`): with a flat 0.99999 the EMA of a 360-epoch run at
+  # batch 4096 (112,320 steps) would still hold 0.99999**112320 = 32% of the
+  # random initial weights.
+  c.ema = ml_collections.ConfigDict(dict(decay=0.99999, warmup=True))
   c.precision = "bfloat16"
   c.checkpoint = ml_collections.ConfigDict(dict(
       every_steps=1000, max_to_keep=3, async_save=True))

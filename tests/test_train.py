@@ -1,5 +1,6 @@
 """Trainer tests: data parallelism, masks, EMA, checkpoints, bad input."""
 
+import math
 import os
 
 import jax
@@ -17,6 +18,7 @@ from nfnets import trainer
 from nfnets.data import digits
 
 import configs.digits as digits_config  # pylint: disable=g-bad-import-order
+import configs.nfnet as nfnet_config  # pylint: disable=g-bad-import-order
 
 
 def tiny_config(**overrides):
@@ -135,6 +137,20 @@ def test_ema_update_and_decay_follow_the_formula():
   config.ema.warmup = True
   assert float(train.ema_decay(config, jnp.asarray(0))) == pytest.approx(0.1)
   assert float(train.ema_decay(config, jnp.asarray(10**6))) == pytest.approx(0.9)
+
+
+def test_default_ema_forgets_the_initial_weights_over_the_nfnet_recipe():
+  """The released recipe warms the EMA decay up (its default 'tf1_ema')."""
+  config = nfnet_config.get_config("variant=F0")
+  steps = math.ceil(config.num_epochs * 1281167 / config.batch_size)
+  decays = lambda: np.broadcast_to(np.asarray(
+      train.ema_decay(config, jnp.arange(steps)), np.float64), (steps,))
+  # The weight of the initial parameters in the final EMA: prod of decays.
+  assert np.prod(decays()) < 1e-30
+  # (1 + t) / (10 + t) is still below 0.99999 at the end, as in that code.
+  assert decays()[-1] == pytest.approx(steps / (steps + 9), rel=1e-6)
+  config.ema.warmup = False
+  assert np.prod(decays()) == pytest.approx(0.99999**steps, rel=0.01)  # 0.33
 
 
 def test_weight_decay_skips_gains_and_biases():
