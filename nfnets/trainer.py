@@ -17,6 +17,7 @@ from typing import Any
 from absl import logging
 import jax
 from jax.experimental import multihost_utils
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -265,7 +266,10 @@ def _train_loop(config, state, train_iter, total_steps, train_step, ckpt,
     bad = int(state.nonfinite_step)
     if bad >= 0:
       good = int(state.step)
-      ckpt.save(good, state, positions[good])
+      # Saved as it was before the bad step, so that a resumed run trains.
+      ckpt.save(good, state._replace(
+          nonfinite_step=jnp.full_like(state.nonfinite_step, -1)),
+                positions[good])
       ckpt.wait()
       raise NonFiniteLossError(
           f"loss or gradient became NaN/inf at step {bad}; stopped, the last "

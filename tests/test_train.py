@@ -260,6 +260,39 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_state(
   assert good < 12 and data_state == {"epoch": 0, "batch": good}
 
 
+class _PoisonedIterator:
+  """The training iterator with NaN images in its `bad`-th batch (from 1)."""
+
+  def __init__(self, iterator, bad):
+    self.iterator, self.bad, self.count = iterator, bad, 0
+    self.steps_per_epoch = iterator.steps_per_epoch
+    self.get_state, self.set_state = iterator.get_state, iterator.set_state
+
+  def __next__(self):
+    batch = dict(next(self.iterator))
+    self.count += 1
+    if self.count == self.bad:
+      batch["images"] = np.full_like(batch["images"], np.nan)
+    return batch
+
+
+def test_a_run_stopped_by_a_nan_batch_resumes_and_finishes(tmp_path,
+                                                            monkeypatch):
+  make_iterator = trainer.data.train_iterator
+  monkeypatch.setattr(trainer.data, "train_iterator",
+                      lambda config: _PoisonedIterator(make_iterator(config),
+                                                       bad=5))
+  with pytest.raises(trainer.NonFiniteLossError, match="NaN/inf at step 4"):
+    trainer.train_and_evaluate(tiny_config(num_steps=9), str(tmp_path))
+  restored, _ = _restore_latest(tiny_config(), tmp_path)
+  assert int(restored.step) == 4 and int(restored.nonfinite_step) == -1
+  monkeypatch.setattr(trainer.data, "train_iterator", make_iterator)
+  results = trainer.train_and_evaluate(tiny_config(num_steps=9),
+                                       str(tmp_path))
+  assert "eval_top1" in results and np.isfinite(results["loss"])
+  assert int(_restore_latest(tiny_config(), tmp_path)[0].step) == 9
+
+
 @pytest.mark.parametrize("name", ["adamw", "lamb"])
 def test_adam_family_with_agc_decays_weights_only(name):
   config = tiny_config()
