@@ -23,17 +23,26 @@ class Checkpointer:
   def __init__(self, directory: str, max_to_keep: int,
                async_save: bool = True):
     self.directory = os.path.abspath(directory)
+    # Steps found unreadable by `restore_latest`: the run trains them again
+    # and `save` replaces them.
+    self._unreadable = set()
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True,
             enable_async_checkpointing=async_save),
-        item_names=("state", "data"))
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "data": ocp.JsonCheckpointHandler()})
 
   def save(self, step: int, state: Any, data_state: dict) -> None:
     """Starts saving (asynchronously when enabled) the state at `step`."""
     if step in self.manager.all_steps():
-      return
+      if step not in self._unreadable:
+        return
+      logging.warning("replacing the unreadable checkpoint at step %d in %s",
+                      step, self.directory)
+      self.manager.delete(step)
+      self._unreadable.discard(step)
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=ocp.args.JsonSave(data_state)), force=True)
@@ -43,24 +52,42 @@ class Checkpointer:
 
     A checkpoint that fails to restore (truncated or corrupt files, a crash
     while it was written) is skipped with a warning and the one before it is
-    tried, so one bad write never costs more than one save interval.
+    tried, so one bad write never costs more than one save interval; the
+    run's next save of that step replaces it. A readable checkpoint of a
+    differently shaped state (another model or optimizer) is an error, so
+    that a changed config never restarts over, and deletes, another run.
 
     Args:
       abstract_state: the TrainState's shapes, dtypes and shardings.
 
     Returns:
       (state, data_state) or None.
+
+    Raises:
+      ValueError: if a readable checkpoint holds a different state.
     """
+    expected = _signature(abstract_state)
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=ocp.args.JsonRestore()))
-        return restored.state, dict(restored.data)
+        saved = _signature(self.manager.item_metadata(step)["state"])
+        # (No metadata to compare: the restore below checks the state.)
+        difference = saved and _first_difference(saved, expected)
+        if not difference:
+          restored = self.manager.restore(step, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract_state),
+              data=ocp.args.JsonRestore()))
+          return restored.state, dict(restored.data)
       except Exception as e:  # pylint: disable=broad-except
         logging.warning("checkpoint at step %d in %s is unreadable (%s: %s);"
                         " trying the previous one", step, self.directory,
                         type(e).__name__, str(e).splitlines()[0][:200])
+        self._unreadable.add(step)
+        continue
+      raise ValueError(
+          f"the checkpoint at step {step} in {self.directory} holds another "
+          f"model or optimizer than this config ({difference}); resume it "
+          "with its own config, or train in a new workdir (--config.init_from="
+          "this workdir starts from its weights)")
     return None
 
   def wait(self) -> None:
@@ -69,6 +96,31 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _signature(tree: Any) -> dict[tuple[str, ...], tuple[Any, str]]:
+  """{leaf path: (shape, dtype)} of a state or of a checkpoint's metadata."""
+  tree = getattr(tree, "item_metadata", tree)
+  signature = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    names = tuple(str(getattr(k, "name", getattr(k, "key", getattr(
+        k, "idx", k)))) for k in path)
+    signature[names] = (tuple(leaf.shape), np.dtype(leaf.dtype).name)
+  return signature
+
+
+def _first_difference(saved: dict, expected: dict) -> Optional[str]:
+  """The first leaf where two signatures differ, in words; None if equal."""
+  for path in sorted(set(saved) | set(expected)):
+    name = "/".join(path)
+    if path not in expected:
+      return f"{name} is in the checkpoint, not in this config's state"
+    if path not in saved:
+      return f"{name} is in this config's state, not in the checkpoint"
+    if saved[path] != expected[path]:
+      return (f"{name} is {saved[path][1]}{list(saved[path][0])} in the "
+              f"checkpoint, {expected[path][1]}{list(expected[path][0])} here")
+  return None
 
 
 def load_weights(path: str) -> dict[str, Any]:

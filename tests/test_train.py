@@ -201,6 +201,30 @@ def test_truncated_latest_checkpoint_falls_back_to_previous(tmp_path,
   assert int(restored.step) == 3
   assert data_state == {"epoch": 0, "batch": 3}
   assert "step 6" in caplog.text and "unreadable" in caplog.text
+  # Resumed, the run trains step 6 again and replaces the unreadable one.
+  trainer.train_and_evaluate(config, str(tmp_path), "train")
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    restored, data_state = _restore_latest(config, tmp_path)
+  assert int(restored.step) == 6 and "unreadable" not in caplog.text
+
+
+def test_a_changed_config_is_an_error_not_a_fresh_start(tmp_path):
+  trainer.train_and_evaluate(tiny_config(), str(tmp_path), "train")
+  folder = tmp_path / "checkpoints"
+  before = {p: os.path.getmtime(p) for p in folder.rglob("*")}
+  for mode in ("train", "eval"):
+    with pytest.raises(ValueError, match=r"checkpoint at step 6 .* holds "
+                       r"another model or optimizer .*opt_state"):
+      trainer.train_and_evaluate(tiny_config(**{"optimizer.name": "adamw"}),
+                                 str(tmp_path), mode)
+  with pytest.raises(ValueError, match=r"final_conv/bias is float32\[384\] "
+                     r"in the checkpoint, float32\[768\] here"):
+    trainer.train_and_evaluate(
+        tiny_config(**{"model.kwargs": dict(tiny_config().model.kwargs,
+                                            width_multiplier=0.25)}),
+        str(tmp_path), "train")
+  assert {p: os.path.getmtime(p) for p in folder.rglob("*")} == before
 
 
 @pytest.mark.parametrize("overrides,message", [
