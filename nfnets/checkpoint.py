@@ -98,14 +98,17 @@ class Checkpointer:
     self.manager.close()
 
 
-def _signature(tree: Any) -> dict[tuple[str, ...], tuple[Any, str]]:
-  """{leaf path: (shape, dtype)} of a state or of a checkpoint's metadata."""
+def _signature(tree: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """{leaf path: shape} of a state or of a checkpoint's metadata.
+
+  (Dtypes are not compared: a restore casts to the target's dtypes.)
+  """
   tree = getattr(tree, "item_metadata", tree)
   signature = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     names = tuple(str(getattr(k, "name", getattr(k, "key", getattr(
         k, "idx", k)))) for k in path)
-    signature[names] = (tuple(leaf.shape), np.dtype(leaf.dtype).name)
+    signature[names] = tuple(leaf.shape)
   return signature
 
 
@@ -118,37 +121,40 @@ def _first_difference(saved: dict, expected: dict) -> Optional[str]:
     if path not in saved:
       return f"{name} is in this config's state, not in the checkpoint"
     if saved[path] != expected[path]:
-      return (f"{name} is {saved[path][1]}{list(saved[path][0])} in the "
-              f"checkpoint, {expected[path][1]}{list(expected[path][0])} here")
+      return (f"{name} has shape {list(saved[path])} in the checkpoint, "
+              f"{list(expected[path])} here")
   return None
 
 
 def load_weights(path: str) -> dict[str, Any]:
-  """`params` and `ema_params` from a run (folder) or a weights file.
+  """`params`, `ema_params` and `model_state` from a run or a weights file.
 
   Args:
     path: a run's workdir, checkpoints folder or step folder (see
       `read_params`), or a file: DeepMind's released weights or a safe
-      `.npz` (see `nfnets.released_weights`), whose params serve as both.
+      `.npz` (see `nfnets.released_weights`), whose params serve as both
+      and which hold no model state.
 
   Returns:
-    {'params': tree, 'ema_params': tree} of numpy arrays.
+    {'params': tree, 'ema_params': tree, 'model_state': tree} of numpy
+    arrays (`model_state`, e.g. batch-norm statistics, may be empty).
   """
   if os.path.isfile(path):
     params = released_weights.load(path)
-    return {"params": params, "ema_params": params}
+    return {"params": params, "ema_params": params, "model_state": {}}
   return read_params(path)
 
 
 def read_params(path: str) -> dict[str, Any]:
-  """Reads the `params` and `ema_params` of a project checkpoint.
+  """Reads the `params`, `ema_params` and `model_state` of a checkpoint.
 
   Args:
     path: a run's workdir, its `checkpoints` folder (the latest step is
       used) or one step's folder.
 
   Returns:
-    {'params': tree, 'ema_params': tree} of numpy arrays.
+    {'params': tree, 'ema_params': tree, 'model_state': tree} of numpy
+    arrays.
 
   Raises:
     ValueError: if no checkpoint is found at `path`.
@@ -180,4 +186,5 @@ def _read_state_params(state_dir: str) -> dict[str, Any]:
     tree = ckptr.restore(state_dir, target)
   # Restored against numpy targets: a dict of host arrays, the TrainState's
   # fields by name.
-  return {"params": tree["params"], "ema_params": tree["ema_params"]}
+  return {"params": tree["params"], "ema_params": tree["ema_params"],
+          "model_state": tree.get("model_state") or {}}

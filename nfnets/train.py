@@ -155,8 +155,10 @@ def make_train_step(model: hk.TransformedWithState,
         has_aux=True)
     grads = _in_default_layout(lax.pmean(grads, parallel.AXIS))
     loss = lax.pmean(loss, parallel.AXIS)
+    # (pmean gives float32 for integers, e.g. batch norm's EMA counter: cast
+    # back, or the state's types would change after the first step.)
     model_state = jax.tree.map(
-        lambda new, old: lax.pmean(new.astype(old.dtype), parallel.AXIS),
+        lambda new, old: lax.pmean(new, parallel.AXIS).astype(old.dtype),
         model_state, state.model_state)
     labels = batch["labels"]
     if labels.ndim > 1:

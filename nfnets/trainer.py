@@ -50,11 +50,13 @@ def prepare_workdir(workdir: str) -> str:
 
 
 def _load_init_from(path: str, abstract: train.TrainState,
-                    fresh: train.TrainState) -> tuple[Any, Any]:
+                    fresh: train.TrainState) -> tuple[Any, Any, Any]:
   """Weights from another run or a released file, checked against the model.
 
   A classifier of another width (fine-tuning to new classes) keeps its fresh
-  initialisation; any other mismatch is an error naming the module.
+  initialisation; any other mismatch is an error naming the module. The
+  model state (batch-norm statistics) comes with the weights from a run;
+  a file has none, and the fresh one is kept.
 
   Args:
     path: a run's workdir or checkpoint, or a weights file.
@@ -62,7 +64,7 @@ def _load_init_from(path: str, abstract: train.TrainState,
     fresh: a freshly initialised state (its classifier may be kept).
 
   Returns:
-    (params, ema_params) as host arrays.
+    (params, ema_params, model_state) as host arrays.
   """
   loaded = checkpoint.load_weights(path)
   head = agc.classifier_module(abstract.params)
@@ -75,8 +77,12 @@ def _load_init_from(path: str, abstract: train.TrainState,
                     "classes; it is re-initialised", path, head,
                     abstract.params[head]["b"].shape[0])
   source = f"init_from {path}"
+  if abstract.model_state and not loaded["model_state"]:
+    logging.warning("init_from %s holds no model state (e.g. batch-norm "
+                    "statistics); the fresh one is kept", path)
+    loaded["model_state"] = jax.device_get(fresh.model_state)
   result = []
-  for key in ("params", "ema_params"):
+  for key in ("params", "ema_params", "model_state"):
     released_weights.check_fits(loaded[key], getattr(abstract, key), source,
                                 skip)
     own = jax.device_get(getattr(fresh, key))
@@ -85,7 +91,7 @@ def _load_init_from(path: str, abstract: train.TrainState,
             own[module][name] if module in skip else loaded[key][module][name],
             own[module][name].dtype) for name in leaves}
         for module, leaves in own.items()})
-  return result[0], result[1]
+  return tuple(result)
 
 
 class _Preemption:
@@ -161,9 +167,11 @@ def _restore_or_init(config, ckpt, abstract, init_fn, train_iter, optimizer,
     return state
   if config.init_from:
     state = init_fn(jax.random.PRNGKey(config.seed))
-    params, ema_params = _load_init_from(config.init_from, abstract, state)
+    params, ema_params, model_state = _load_init_from(config.init_from,
+                                                      abstract, state)
     state = state._replace(params=parallel.replicate(params, mesh),
-                           ema_params=parallel.replicate(ema_params, mesh))
+                           ema_params=parallel.replicate(ema_params, mesh),
+                           model_state=parallel.replicate(model_state, mesh))
     logging.info("initialised weights from %s", config.init_from)
     return state._replace(opt_state=jax.jit(optimizer.init)(state.params))
   if mode == "eval":
