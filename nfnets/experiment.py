@@ -165,12 +165,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
   models.get_constructor(config.model.name)
   need(config.batch_size > 0 and config.eval_batch_size > 0,
        "batch_size and eval_batch_size must be positive")
+  need(config.num_steps >= 0 and config.num_epochs >= 0,
+       "num_steps and num_epochs must be >= 0")
   need(config.num_steps > 0 or config.num_epochs > 0,
        "set num_epochs or num_steps to a positive value")
   need(config.optimizer.name in optim.OPTIMIZERS,
        f"unknown optimizer {config.optimizer.name!r}; valid: "
        f"{', '.join(optim.OPTIMIZERS)}")
   need(config.optimizer.base_lr >= 0, "optimizer.base_lr must be >= 0")
+  need(config.optimizer.warmup_epochs >= 0,
+       "optimizer.warmup_epochs must be >= 0")
+  need(0 <= config.optimizer.momentum < 1,
+       "optimizer.momentum must be in [0, 1)")
+  need(0 <= config.optimizer.b1 < 1 and 0 <= config.optimizer.b2 < 1,
+       "optimizer.b1 and b2 must be in [0, 1)")
   need(config.optimizer.agc_clipping >= 0,
        "optimizer.agc_clipping must be >= 0 (0 turns AGC off)")
   need(config.optimizer.agc_eps > 0, "optimizer.agc_eps must be > 0")

@@ -237,6 +237,10 @@ def test_a_changed_config_is_an_error_not_a_fresh_start(tmp_path):
     ({"dataset.name": "mnist"}, "dataset.data_dir is required for mnist"),
     ({"init_from": "/nonexistent/ckpt"}, "does not exist"),
     ({"dataset.image_size": 16}, "smaller than the network's total stride"),
+    ({"num_steps": -5}, "num_steps and num_epochs must be >= 0"),
+    ({"optimizer.warmup_epochs": -3.0}, "warmup_epochs must be >= 0"),
+    ({"optimizer.momentum": 1.5}, r"momentum must be in \[0, 1\)"),
+    ({"optimizer.b2": 1.0}, r"b1 and b2 must be in \[0, 1\)"),
 ])
 def test_bad_config_is_a_clear_error_and_writes_nothing(tmp_path, overrides,
                                                         message):
