@@ -69,7 +69,9 @@ def activation_gamma(fn: Activation, num_points: int = 400_001,
     gamma as a Python float.
   """
   z = np.linspace(-limit, limit, num_points)
-  f = np.asarray(fn(jnp.asarray(z, jnp.float32)), np.float64)
+  # Evaluated now even while a model is traced (built inside jax.jit).
+  with jax.ensure_compile_time_eval():
+    f = np.asarray(fn(jnp.asarray(z, jnp.float32)), np.float64)
   pdf = np.exp(-0.5 * z * z) / np.sqrt(2.0 * np.pi)
   mean = np.trapezoid(f * pdf, z)
   second = np.trapezoid(f * f * pdf, z)

@@ -49,6 +49,9 @@ def test_scaled_activation_of_a_custom_callable():
   fn = layers.scaled_activation(lambda x: jnp.abs(x))
   z = jax.random.normal(jax.random.PRNGKey(1), (1_000_000,))
   assert float(jnp.var(fn(z))) == pytest.approx(1.0, abs=0.01)
+  # Built inside a trace, as Haiku models are under jax.jit.
+  traced = jax.jit(lambda x: layers.scaled_activation(jnp.abs)(x))(z)
+  np.testing.assert_allclose(traced, fn(z), rtol=1e-6)
 
 
 def test_unknown_activation_is_a_clear_error():
