@@ -40,7 +40,7 @@ def main(argv):
     save = (released_weights.save_safe if _FORMAT.value == "safe" else
             released_weights.save_released)
     save(params, _OUTPUT.value)
-  except ValueError as e:
+  except (ValueError, OSError) as e:  # OSError: e.g. no such output folder
     raise SystemExit(f"error: {e}") from None
   count = sum(v.size for leaves in params.values() for v in leaves.values())
   print(f"wrote {_OUTPUT.value}: {len(params)} modules, {count:,} parameters "

@@ -52,6 +52,8 @@ def class_names(num_classes: int) -> list[str]:
 def predict(model_name, weights, paths, image_size=None, precision="float32",
             top_k=5) -> list[dict]:
   """Returns [{'image', 'top5': [{'class', 'label', 'prob'}, ...]}, ...]."""
+  if top_k < 1 or (image_size is not None and image_size < 1):
+    raise ValueError("top_k and image_size must be positive")
   params = checkpoint.load_weights(weights)["ema_params"]
   try:
     head = agc.classifier_module(params)

@@ -181,6 +181,8 @@ def main(argv: Sequence[str]) -> None:
   if not names:
     raise app.UsageError("--models needs at least one model name")
   try:
+    if _BATCH_SIZE.value < 1 or _IMAGE_SIZE.value < 1:
+      raise ValueError("batch_size and image_size must be positive")
     for name in names:  # fail before any model runs
       models.get_constructor(name)
     key = jax.random.PRNGKey(_SEED.value)

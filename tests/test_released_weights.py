@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+import cli_helpers
 from nfnets import checkpoint
 from nfnets import models
 from nfnets import released_weights
@@ -186,6 +187,25 @@ def test_dill_helpers_reach_only_numpy_array_constructors(tmp_path):
     released_weights.load(str(tmp_path / "np.pkl"))
 
 
+def test_convert_weights_script_writes_a_safe_file_and_refuses_bad_outputs(
+    tmp_path):
+  source = os.path.join(_DILL_DIR, "dill-0.3.3_numpy-1.26_protocol3.pkl")
+  convert = lambda output: subprocess.run(
+      [sys.executable, os.path.join(ROOT, "scripts", "convert_weights.py"),
+       f"--input={source}", f"--output={output}"], capture_output=True,
+      text=True, timeout=300, check=False)
+  out = tmp_path / "safe.npz"
+  result = convert(out)
+  assert result.returncode == 0, result.stderr[-2000:]
+  _assert_trees_equal(released_weights.load(str(out)),
+                      released_weights.load(source))
+  cli_helpers.assert_one_line_error(
+      convert(out), f"error: {out} exists; not overwriting it")
+  cli_helpers.assert_one_line_error(
+      convert(tmp_path / "no" / "safe.npz"),
+      "error: [Errno 2] No such file or directory")
+
+
 def test_truncated_foreign_and_missing_files_are_clear_errors(
     released_file, tmp_path):
   data = open(released_file, "rb").read()
@@ -241,6 +261,11 @@ def test_predict_script_on_generated_images(released_file, tmp_path):
                            check=False)
   assert missing.returncode != 0
   assert "error: cannot read image" in missing.stderr
+  for flag in ("--top_k=0", "--image_size=0"):
+    bad = subprocess.run(cmd + [flag] + paths[:1], capture_output=True,
+                         text=True, timeout=300, check=False)
+    cli_helpers.assert_one_line_error(
+        bad, "error: top_k and image_size must be positive")
 
 
 def test_fine_tune_from_released_f0_on_a_10_class_image_folder(

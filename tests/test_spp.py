@@ -115,3 +115,12 @@ def test_unknown_model_is_a_one_line_error(tmp_path):
   cli_helpers.assert_one_line_error(
       result, "error: unknown model 'resnet34'; valid: ")
   assert not list(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.parametrize("flag", ["--batch_size=0", "--batch_size=-1",
+                                  "--image_size=0"])
+def test_non_positive_sizes_are_a_one_line_error(tmp_path, flag):
+  result = _run("--models=nf_resnet26", f"--out={tmp_path}/x.png", flag)
+  cli_helpers.assert_one_line_error(
+      result, "error: batch_size and image_size must be positive")
+  assert not list(tmp_path.iterdir())

@@ -41,3 +41,10 @@ def test_unknown_model_is_a_one_line_error():
   line = cli_helpers.assert_one_line_error(
       result, "error: unknown model 'resnet34'; valid: ")
   assert "nfnet_f0" in line and "resnet50" in line
+
+
+@pytest.mark.parametrize("num_classes", [0, -3])
+def test_non_positive_num_classes_is_a_one_line_error(num_classes):
+  cli_helpers.assert_one_line_error(
+      _run(f"--num_classes={num_classes}"),
+      f"error: num_classes must be positive, got {num_classes}")
