@@ -44,7 +44,11 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
         raise ValueError(f"config arg {key} must be true or false")
       parsed[key] = value.lower() in ("true", "1")
     else:
-      parsed[key] = type(default)(value)
+      try:
+        parsed[key] = type(default)(value)
+      except ValueError:
+        raise ValueError(f"config arg {key} must be of type "
+                         f"{type(default).__name__}, got {value}") from None
   return parsed
 
 

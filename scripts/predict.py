@@ -54,7 +54,8 @@ def predict(model_name, weights, paths, image_size=None, precision="float32",
   """Returns [{'image', 'top5': [{'class', 'label', 'prob'}, ...]}, ...]."""
   if top_k < 1 or (image_size is not None and image_size < 1):
     raise ValueError("top_k and image_size must be positive")
-  params = checkpoint.load_weights(weights)["ema_params"]
+  loaded = checkpoint.load_weights(weights)
+  params, model_state = loaded["ema_params"], loaded["model_state"]
   try:
     head = agc.classifier_module(params)
   except ValueError as e:
@@ -64,16 +65,19 @@ def predict(model_name, weights, paths, image_size=None, precision="float32",
   model = models.build_model(model_name, num_classes=num_classes)
   images = np.stack([transforms.resize_crop_32(transforms.load_rgb(p), size)
                      for p in paths])
-  abstract, _ = jax.eval_shape(
+  abstract, abstract_state = jax.eval_shape(
       lambda x: model.init(jax.random.PRNGKey(0), x, is_training=True),
       jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
   released_weights.check_fits(params, abstract, weights)
+  # Batch-norm statistics (ResNets) come from a run's checkpoint.
+  released_weights.check_fits(model_state, abstract_state,
+                              f"{weights} (model state)")
   dtype = jnp.bfloat16 if precision == "bfloat16" else jnp.float32
 
   @jax.jit
   def probabilities(params, images):
     params = jax.tree.map(lambda p: p.astype(dtype), params)
-    logits, _ = model.apply(params, {}, None, images.astype(dtype),
+    logits, _ = model.apply(params, model_state, None, images.astype(dtype),
                             is_training=False)
     return jax.nn.softmax(logits.astype(jnp.float32))
 

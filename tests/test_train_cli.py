@@ -97,6 +97,8 @@ def test_sigterm_saves_before_exiting(tmp_path):
     (["--config.batch_sizee=3"], "batch_sizee"),
     (["--config=configs/nope.py"], "nope.py"),
     (["--config=configs/nfnet.py:variant=F9"], "unknown NFNet variant 'F9'"),
+    (["--config=configs/resnet.py:depth=abc"],
+     "config arg depth must be of type int, got abc"),
     (["--config.batch_size=36"], "not divisible by the 8 devices"),
     (["--config=configs/nfnet.py"],
      "dataset.data_dir is required for imagenet2012"),
