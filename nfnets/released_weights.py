@@ -8,9 +8,9 @@ here without dill and without executing code: a restricted unpickler admits
 only numpy arrays, dtypes and mapping containers, including the forms in which
 dill writes arrays (numpy's `_reconstruct` reached through dill's
 `_import_module` and `_get_attr` up to dill 0.3.4, `_create_array` from dill
-0.3.6 on). `save_safe` writes a plain
-`.npz` of named arrays that `load` then reads with no unpickling at all, and
-`save_released` writes any params tree back in the released pickle layout.
+0.3.6 on). `save_safe` writes a plain `.npz` of named arrays that `load` then
+reads with no unpickling at all, and `save_released` writes any params tree
+back in the released pickle layout.
 """
 
 import _compat_pickle
