@@ -71,8 +71,8 @@ class Checkpointer:
       try:
         saved = _signature(self.manager.item_metadata(step)["state"])
         # (No metadata to compare: the restore below checks the state.)
-        difference = saved and _first_difference(saved, expected)
-        if not difference:
+        difference = _first_difference(saved, expected) if saved else None
+        if difference is None:
           restored = self.manager.restore(step, args=ocp.args.Composite(
               state=ocp.args.StandardRestore(abstract_state),
               data=ocp.args.JsonRestore()))

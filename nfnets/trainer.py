@@ -275,9 +275,9 @@ def _train_loop(config, state, train_iter, total_steps, train_step, ckpt,
     if bad >= 0:
       good = int(state.step)
       # Saved as it was before the bad step, so that a resumed run trains.
-      ckpt.save(good, state._replace(
-          nonfinite_step=jnp.full_like(state.nonfinite_step, -1)),
-                positions[good])
+      cleared = state._replace(
+          nonfinite_step=jnp.full_like(state.nonfinite_step, -1))
+      ckpt.save(good, cleared, positions[good])
       ckpt.wait()
       raise NonFiniteLossError(
           f"loss or gradient became NaN/inf at step {bad}; stopped, the last "
