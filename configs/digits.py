@@ -11,11 +11,11 @@ float32 since CPUs have no fast bfloat16. Random shifts of 1 pixel
 the same learning rate diverges within the first 60 steps.
 """
 
-from nfnets import experiment
+from nfnets.training import experiment_config
 
 
 def _options(arg):
-  return experiment.parse_arg(arg, epochs=15.0, seed=0, seeds=3)
+  return experiment_config.parse_arg(arg, epochs=15.0, seed=0, seeds=3)
 
 
 def get_sweep(arg=None):
@@ -26,7 +26,7 @@ def get_sweep(arg=None):
 def get_config(arg=None):
   """Returns the digits config; `arg` takes `epochs=N` and `seed=N`."""
   options = _options(arg)
-  c = experiment.base_config()
+  c = experiment_config.base_config()
   c.seed = options.seed
   c.dataset.update(dict(name="digits", image_size=32, eval_image_size=32,
                         num_classes=10, augment_shift=0))

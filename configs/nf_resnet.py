@@ -9,11 +9,11 @@ label smoothing, EMA) at 224 px. `smoke=True` swaps in a tiny model on the
 bundled digits data.
 """
 
-from nfnets import experiment
+from nfnets.training import experiment_config
 
 
 def _options(arg):
-  return experiment.parse_arg(arg, depth=50, agc=False, smoke=False,
+  return experiment_config.parse_arg(arg, depth=50, agc=False, smoke=False,
                               sweep="agc_batch")
 
 
@@ -35,7 +35,7 @@ def get_sweep(arg=None):
 def get_config(arg=None):
   """Returns the config; `arg` takes `depth=N`, `agc=bool`, `smoke=bool`."""
   options = _options(arg)
-  c = experiment.base_config()
+  c = experiment_config.base_config()
   c.model.name = f"nf_resnet{options.depth}"
   c.model.kwargs = dict(drop_path_rate=0.1, dropout_rate=0.25)
   c.dataset.update(dict(name="imagenet2012", image_size=224,
@@ -45,5 +45,5 @@ def get_config(arg=None):
   c.optimizer.update(dict(weight_decay=5e-5,
                           agc_clipping=0.01 if options.agc else 0.0))
   if options.smoke:
-    experiment.make_smoke_test(c)
+    experiment_config.make_smoke_test(c)
   return c

@@ -19,12 +19,12 @@ ILSVRC2012 tars, prepared once into `dataset.data_dir` (nfnets/data).
 `get_sweep` ships F0 to F7 at their resolutions (experiments/sweep.py).
 """
 
-from nfnets import experiment
 from nfnets.models import nfnet
+from nfnets.training import experiment_config
 
 
 def _options(arg):
-  return experiment.parse_arg(arg, variant="F0", smoke=False,
+  return experiment_config.parse_arg(arg, variant="F0", smoke=False,
                               sweep="variants")
 
 
@@ -49,7 +49,7 @@ def get_config(arg=None):
   """Returns the config; `arg` takes `variant=F0..F7[+]` and `smoke=bool`."""
   options = _options(arg)
   row, _ = nfnet.parse_variant(options.variant)
-  c = experiment.base_config()
+  c = experiment_config.base_config()
   suffix = "plus" if options.variant.endswith("+") else ""
   c.model.name = f"nfnet_{options.variant.lower().rstrip('+')}{suffix}"
   c.model.kwargs = dict(drop_path_rate=0.25, dropout_rate=row.dropout_rate)
@@ -60,5 +60,5 @@ def get_config(arg=None):
                         randaugment_magnitude=float(row.randaugment[1]),
                         mixup_alpha=0.2, cutmix_alpha=1.0))
   if options.smoke:
-    experiment.make_smoke_test(c)
+    experiment_config.make_smoke_test(c)
   return c

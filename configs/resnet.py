@@ -8,13 +8,13 @@ averaged across devices after every step. `smoke=True` swaps in a tiny model
 on the bundled digits data.
 """
 
-from nfnets import experiment
+from nfnets.training import experiment_config
 
 
 def get_config(arg=None):
   """Returns the config; `arg` takes `depth=N` and `smoke=bool`."""
-  options = experiment.parse_arg(arg, depth=50, smoke=False)
-  c = experiment.base_config()
+  options = experiment_config.parse_arg(arg, depth=50, smoke=False)
+  c = experiment_config.base_config()
   c.model.name = f"resnet{options.depth}"
   c.model.kwargs = dict(drop_path_rate=0.0, dropout_rate=0.0)
   c.dataset.update(dict(name="imagenet2012", image_size=224,
@@ -23,5 +23,5 @@ def get_config(arg=None):
   c.num_epochs = 90.0
   c.optimizer.update(dict(weight_decay=5e-5, agc_clipping=0.0))
   if options.smoke:
-    experiment.make_smoke_test(c)
+    experiment_config.make_smoke_test(c)
   return c

@@ -21,8 +21,8 @@ from ml_collections import config_flags
 # Runnable from a clone without installing: the repo root on the path.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from nfnets import experiment  # pylint: disable=g-import-not-at-top,wrong-import-position
-from nfnets import trainer  # pylint: disable=g-import-not-at-top,wrong-import-position
+from nfnets.training import experiment_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+from nfnets.training import loop  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _DEFAULT_CONFIG = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
@@ -31,7 +31,7 @@ _CONFIG = None  # defined in __main__, where bad overrides can be reported
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Checkpoints and metrics go here; default: a new "
     "temporary directory.")
-_MODE = flags.DEFINE_enum("mode", "train", experiment.MODES,
+_MODE = flags.DEFINE_enum("mode", "train", experiment_config.MODES,
                           "train, eval or train_eval.")
 
 
@@ -95,7 +95,7 @@ def main(argv):
   workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="nfnets-")
   logging.info("workdir: %s", workdir)
   try:
-    results = trainer.train_and_evaluate(config, workdir, _MODE.value)
+    results = loop.train_and_evaluate(config, workdir, _MODE.value)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

@@ -12,12 +12,15 @@ final classifier layer), and (c) report the fraction of clipped units in its
 state for logging.
 """
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from nfnets.ops import norms
+from nfnets.ops import switch
 
 # Floor on the grad norm in the denominator: only guards against 0/0 for
 # all-zero grad units (which are never clipped anyway), so it never changes a
@@ -37,63 +40,6 @@ class AGCState(NamedTuple):
   clipped_fraction: jax.Array
 
 
-def _unit_axes(ndim: int, offset: int = 0) -> tuple[int, ...]:
-  """The fan-in axes of a leaf of `ndim` dims (all of them for ndim <= 1)."""
-  last = ndim if ndim <= 1 else ndim - 1
-  return tuple(range(offset, offset + last))
-
-
-def unit_sum_squares(leaves: Sequence[jax.Array]) -> list[jax.Array]:
-  """Float32 sum of squares of each unit of each leaf, keeping dims.
-
-  The same units as `unitwise_norm` (before the square root), for a list of
-  leaves at once: leaves of the same shape are stacked and reduced together,
-  so a network's ~200 parameter leaves take a few dozen reductions (on GPUs
-  each reduction is a kernel launch) instead of one each. The values are the
-  same as reducing each leaf on its own.
-
-  Args:
-    leaves: arrays of any float dtype.
-
-  Returns:
-    One float32 array per leaf, with the leaf's ndim, broadcastable against it.
-  """
-  sums: list[Any] = [None] * len(leaves)
-  for indices, stacked in _stacked_sum_squares(leaves):
-    for j, i in enumerate(indices):
-      sums[i] = stacked[j]
-  return sums
-
-
-def global_norm(tree: Any) -> jax.Array:
-  """Float32 L2 norm of all leaves together (`optax.global_norm`'s value).
-
-  Reduced like `unit_sum_squares`, one reduction per group of same-shaped
-  leaves rather than one per leaf.
-  """
-  groups = _stacked_sum_squares(jax.tree.leaves(tree))
-  if not groups:
-    return jnp.zeros((), jnp.float32)
-  # One sum over all the partial sums (XLA may still split it per group).
-  return jnp.sqrt(jnp.sum(jnp.concatenate([jnp.ravel(s) for _, s in groups])))
-
-
-def _stacked_sum_squares(
-    leaves: Sequence[jax.Array]) -> list[tuple[list[int], jax.Array]]:
-  """`unit_sum_squares` by group: (leaf indices, their sums stacked)."""
-  groups: dict[tuple[int, ...], list[int]] = {}
-  for i, x in enumerate(leaves):
-    groups.setdefault(jnp.shape(x), []).append(i)
-  out = []
-  for shape, indices in groups.items():
-    # Upcast first: a bf16/fp16 sum of squares loses precision or overflows.
-    stacked = jnp.stack([jnp.asarray(leaves[i]).astype(jnp.float32)
-                         for i in indices])
-    out.append((indices, jnp.sum(jnp.square(stacked), keepdims=True,
-                                 axis=_unit_axes(len(shape), offset=1))))
-  return out
-
-
 def unitwise_norm(x: jax.Array) -> jax.Array:
   """Float32 Frobenius norm of each unit of `x`, keeping dims for broadcasting.
 
@@ -109,7 +55,7 @@ def unitwise_norm(x: jax.Array) -> jax.Array:
   Returns:
     float32 array of norms, with x.ndim dims, broadcastable against `x`.
   """
-  return jnp.sqrt(unit_sum_squares([x])[0])
+  return jnp.sqrt(norms.unit_sum_squares([x])[0])
 
 
 def clip_unitwise(
@@ -141,7 +87,8 @@ def clip_unitwise(
   if grad.shape != param.shape:
     raise ValueError(
         f"grad and param shapes differ: {grad.shape} vs {param.shape}.")
-  g_norm, p_norm = (jnp.sqrt(n) for n in unit_sum_squares([grad, param]))
+  g_norm, p_norm = (jnp.sqrt(n)
+                    for n in norms.unit_sum_squares([grad, param]))
   max_norm, clip = _limits(g_norm, p_norm, clipping, eps)
   return (_clip(grad, g_norm, max_norm, clip),
           jnp.sum(clip, dtype=jnp.int32), int(g_norm.size))
@@ -235,23 +182,12 @@ def adaptive_grad_clip(
         raise ValueError(
             f"grad and param shapes differ: {jnp.shape(grads[i])} vs "
             f"{jnp.shape(param_leaves[i])}.")
-    # The norms of every clipped grad and param leaf, reduced in groups of
-    # equal shape: a few dozen reductions in all. A leaf's grad and param
-    # share a group, grads first, in the same order.
-    new_grads = list(grads)
-    flags = []
-    for indices, sums in _stacked_sum_squares(
-        [grads[i] for i in clipped] + [param_leaves[i] for i in clipped]):
-      half = len(indices) // 2
-      g_norms, p_norms = jnp.sqrt(sums[:half]), jnp.sqrt(sums[half:])
-      for j, k in enumerate(indices[:half]):
-        # Decided again per leaf (a few elementwise ops): XLA then fuses the
-        # decision into the leaf's update instead of slicing stacked flags.
-        new_grads[clipped[k]] = _clip(
-            grads[clipped[k]], g_norms[j],
-            *_limits(g_norms[j], p_norms[j], clipping, eps))
-      flags.append(jnp.ravel(_limits(g_norms, p_norms, clipping, eps)[1]))
-    # One count over every unit's flag, from the stacked norms.
+    if switch.fast_paths_enabled():
+      new_grads, flags = _clip_grouped(grads, param_leaves, clipped, clipping,
+                                       eps)
+    else:
+      new_grads, flags = _clip_per_leaf(grads, param_leaves, clipped,
+                                        clipping, eps)
     flags = jnp.concatenate(flags) if flags else jnp.zeros((0,), bool)
     fraction = (jnp.sum(flags, dtype=jnp.int32).astype(jnp.float32) /
                 max(flags.size, 1))
@@ -259,6 +195,45 @@ def adaptive_grad_clip(
             AGCState(clipped_fraction=fraction))
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _clip_per_leaf(grads, params, clipped, clipping, eps):
+  """The plain twin: each clipped leaf's norms and clip on their own.
+
+  Returns:
+    (the new grad leaves, a list of each clipped leaf's flattened flags).
+  """
+  new_grads, flags = list(grads), []
+  for i in clipped:
+    g_norm, p_norm = (jnp.sqrt(n) for n in norms.unit_sum_squares(
+        [grads[i], params[i]]))
+    max_norm, clip = _limits(g_norm, p_norm, clipping, eps)
+    new_grads[i] = _clip(grads[i], g_norm, max_norm, clip)
+    flags.append(jnp.ravel(clip))
+  return new_grads, flags
+
+
+def _clip_grouped(grads, params, clipped, clipping, eps):
+  """The fast path: norms reduced in groups of same-shaped leaves.
+
+  Every clipped grad and param leaf goes into one `grouped_sum_squares`: a
+  few dozen reductions in all. A leaf's grad and param share a group, grads
+  first, in the same order. Returns what `_clip_per_leaf` returns.
+  """
+  new_grads, flags = list(grads), []
+  for indices, sums in norms.grouped_sum_squares(
+      [grads[i] for i in clipped] + [params[i] for i in clipped]):
+    half = len(indices) // 2
+    g_norms, p_norms = jnp.sqrt(sums[:half]), jnp.sqrt(sums[half:])
+    for j, k in enumerate(indices[:half]):
+      # Decided again per leaf (a few elementwise ops): XLA then fuses the
+      # decision into the leaf's update instead of slicing stacked flags.
+      new_grads[clipped[k]] = _clip(
+          grads[clipped[k]], g_norms[j],
+          *_limits(g_norms[j], p_norms[j], clipping, eps))
+    # One count over every unit's flag, from the stacked norms.
+    flags.append(jnp.ravel(_limits(g_norms, p_norms, clipping, eps)[1]))
+  return new_grads, flags
 
 
 def classifier_module(params: Mapping[str, Any],

@@ -7,7 +7,6 @@ References:
   Without Normalization." ICML 2021 (NFNets).
 """
 
-import functools
 from typing import Callable, Optional, Sequence, Union
 
 import haiku as hk
@@ -15,7 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nfnets import conv
+from nfnets.ops import conv
+from nfnets.ops import recompute
+from nfnets.ops import standardize
 
 Activation = Callable[[jax.Array], jax.Array]
 
@@ -85,13 +86,8 @@ def activation_gamma(fn: Activation, num_points: int = 400_001,
 def scaled_activation(name: Union[str, Activation]) -> Activation:
   """Returns `gamma * f(x)`: unit variance out for a unit Gaussian in.
 
-  The backward pass keeps only the input and recomputes f from it
-  (`_recomputed`): differentiating e.g. GELU would otherwise store its tanh
-  as well, one more activation-sized array written in the forward pass and
-  read in the backward pass for each activation of the network (F0 at 192
-  px: 11% of the training step's activation traffic and 26% of its peak
-  memory). The recomputation fuses into the backward pass's elementwise
-  kernel. Reverse-mode differentiation only (a custom VJP).
+  With the fast paths on, the backward pass keeps only the input and
+  recomputes f from it (`nfnets.ops.recompute`; reverse mode only).
 
   Args:
     name: a key of `ACTIVATIONS`, or any elementwise callable (its gamma is
@@ -107,112 +103,7 @@ def scaled_activation(name: Union[str, Activation]) -> Activation:
   else:
     raise ValueError(f"unknown activation {name!r}; valid: "
                      f"{', '.join(sorted(ACTIVATIONS))}")
-  return _recomputed(lambda x: fn(x) * jnp.asarray(gamma, x.dtype))
-
-
-def _recomputed(f: Activation) -> Activation:
-  """f, whose backward pass keeps only the input and recomputes f from it.
-
-  Like `jax.checkpoint(f)`, but only the saved input goes through the
-  optimization barrier that keeps XLA from merging the recomputation with
-  the forward pass's (which would store f's intermediates again):
-  `jax.checkpoint` also puts the incoming gradient through it, so whatever
-  produces that gradient (a slice after a strided convolution's input
-  gradient, the phase interleaving of `nfnets.conv`) cannot fuse into the
-  backward kernel and is written out once more.
-  """
-
-  @jax.custom_vjp
-  def g(x):
-    return f(x)
-
-  def g_fwd(x):
-    return f(x), x
-
-  def g_bwd(x, d_out):
-    _, vjp = jax.vjp(f, jax.lax.optimization_barrier(x))
-    return vjp(d_out)
-
-  g.defvjp(g_fwd, g_bwd)
-  return g
-
-
-def standardize_weight(w: jax.Array, gain: jax.Array,
-                       eps: float = 1e-4) -> jax.Array:
-  """Scaled Weight Standardization of an HWIO kernel, computed in float32.
-
-  `W_hat = gain * (W - mean) / sqrt(N * var)` per output channel, over its
-  fan-in N = H * W * I, with `N * var` floored at `eps` (ICLR 2021, Eq. 4).
-
-  The values are those of the two-pass formula (mean, then the variance
-  about it); the statistics are computed in one pass over the kernel and the
-  gradient is the closed-form normalization backward (two sums per output
-  channel in one pass, then one elementwise pass), a custom VJP (so reverse
-  mode only). Differentiating the formula as written made about ten GPU
-  kernels per convolution at every step, mostly tiny reductions;
-  `scripts/kernel_census.py` counts them.
-
-  Args:
-    w: kernel [..., O], any float dtype.
-    gain: [O].
-    eps: floor of `N * var`.
-
-  Returns:
-    The standardized kernel in float32.
-  """
-  return _standardize(w.astype(jnp.float32), gain.astype(jnp.float32), eps)
-
-
-def _moments(w: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Per-output-channel mean and (population) variance of a [..., O] kernel.
-
-  One pass: sums of x and x^2 with x shifted by one element of each channel,
-  which keeps E[x^2] - E[x]^2 accurate even when the mean dwarfs the spread
-  (the shift is a sample of the channel, so close to its mean).
-  """
-  axes = tuple(range(w.ndim - 1))
-  shift = jax.lax.stop_gradient(w[(0,) * (w.ndim - 1)])
-  x = w - shift
-  mean_x = jnp.mean(x, axis=axes, keepdims=True)
-  var = jnp.maximum(jnp.mean(x * x, axis=axes, keepdims=True) - mean_x ** 2,
-                    0.0)
-  return mean_x + shift, var
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _standardize(w: jax.Array, gain: jax.Array, eps: float) -> jax.Array:
-  return _standardize_fwd(w, gain, eps)[0]
-
-
-def _standardize_fwd(w, gain, eps):
-  fan_in = np.prod(w.shape[:-1])
-  mean, var = _moments(w)
-  n_var = var * fan_in
-  inv_std = jax.lax.rsqrt(jnp.maximum(n_var, eps))
-  scale = inv_std * gain
-  return w * scale - mean * scale, (w, gain, mean, inv_std, n_var > eps)
-
-
-def _standardize_bwd(eps, residuals, d_out):
-  """Backward of `gain * x_hat`, `x_hat = (w - mean) * inv_std`.
-
-  With `dx = d_out * gain`, per output channel: `d_gain = sum(d_out x_hat)`
-  and `d_w = inv_std (dx - mean(dx) - x_hat sum(dx x_hat))`; the last term
-  is absent where the variance floor `eps` is active (inv_std constant).
-  """
-  del eps
-  w, gain, mean, inv_std, unclamped = residuals
-  axes = tuple(range(w.ndim - 1))
-  x_hat = (w - mean) * inv_std
-  sum_d = jnp.sum(d_out, axis=axes, keepdims=True)
-  sum_d_x = jnp.sum(d_out * x_hat, axis=axes, keepdims=True)
-  fan_in = np.prod(w.shape[:-1])
-  d_w = inv_std * gain * (d_out - sum_d / fan_in -
-                          jnp.where(unclamped, x_hat * sum_d_x, 0.0))
-  return d_w, jnp.reshape(sum_d_x, gain.shape)
-
-
-_standardize.defvjp(_standardize_fwd, _standardize_bwd)
+  return recompute.recomputed(lambda x: fn(x) * jnp.asarray(gamma, x.dtype))
 
 
 def fan_in_normal(shape: Sequence[int], dtype) -> jax.Array:
@@ -264,7 +155,7 @@ class WSConv2D(hk.Module):
     gain = hk.get_parameter("gain", (self.output_channels,), init=jnp.ones)
     bias = hk.get_parameter("bias", (self.output_channels,), init=jnp.zeros)
     if self.standardize:
-      kernel = standardize_weight(w, gain, self.eps)
+      kernel = standardize.standardize_weight(w, gain, self.eps)
     else:
       kernel = w.astype(jnp.float32) * gain.astype(jnp.float32)
     out = conv.conv2d(x, kernel.astype(x.dtype), self.stride, groups)

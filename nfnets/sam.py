@@ -37,11 +37,7 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
-
-def _global_norm(tree: Any) -> jax.Array:
-  """float32 L2 norm over all leaves (upcast so bf16 grads don't overflow)."""
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
-                      for x in jax.tree.leaves(tree)))
+from nfnets.ops import norms
 
 
 def sam_gradient(
@@ -106,7 +102,7 @@ def sam_gradient(
     ascent = lax.pmean(ascent, axis_name)
   # The scale is computed in float32; each leaf of e is cast back to its
   # parameter's dtype so that w + e has exactly the structure loss_fn expects.
-  scale = rho / (_global_norm(ascent) + eps)
+  scale = rho / (norms.global_norm(ascent) + eps)
   perturbed = jax.tree.map(
       lambda p, g: p + (g.astype(jnp.float32) * scale).astype(p.dtype),
       params, ascent)

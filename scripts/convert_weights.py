@@ -17,8 +17,8 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from nfnets import checkpoint  # pylint: disable=g-import-not-at-top,wrong-import-position
 from nfnets import released_weights  # pylint: disable=g-import-not-at-top,wrong-import-position
+from nfnets.training import checkpoint  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _INPUT = flags.DEFINE_string("input", None, "Weights file or workdir.",
                              required=True)

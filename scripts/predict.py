@@ -24,10 +24,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from nfnets import agc  # pylint: disable=g-import-not-at-top,wrong-import-position
-from nfnets import checkpoint  # pylint: disable=g-import-not-at-top,wrong-import-position
 from nfnets import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from nfnets import released_weights  # pylint: disable=g-import-not-at-top,wrong-import-position
 from nfnets.data import transforms  # pylint: disable=g-import-not-at-top,wrong-import-position
+from nfnets.training import checkpoint  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _MODEL = flags.DEFINE_string("model", "nfnet_f0", "Registered model name.")
 _WEIGHTS = flags.DEFINE_string("weights", None, "Weights file or workdir.",

@@ -2,7 +2,7 @@
 
   python tests/multihost_worker.py WORKDIR [--distributed] [--num_steps=N]
 
-Trains the digits NFNet for a few steps with `nfnets.trainer` (checkpoints
+Trains the digits NFNet for a few steps with `nfnets.training.loop` (checkpoints
 every 2 steps, an evaluation at the end). With `--distributed` the process
 joins a `jax.distributed` job described by JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES and JAX_PROCESS_ID; the device count comes from XLA_FLAGS.
@@ -19,8 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-from nfnets import parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
-from nfnets import trainer  # pylint: disable=g-import-not-at-top,wrong-import-position
+from nfnets.training import loop  # pylint: disable=g-import-not-at-top,wrong-import-position
+from nfnets.training import parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
 import configs.digits as digits_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 NUM_STEPS = 6
@@ -49,7 +49,7 @@ def main():
   parser.add_argument("--distributed", action="store_true")
   parser.add_argument("--num_steps", type=int, default=NUM_STEPS)
   args = parser.parse_args()
-  results = trainer.train_and_evaluate(
+  results = loop.train_and_evaluate(
       make_config(args.distributed, args.num_steps), args.workdir, "train")
   if "preempted" in results:
     print(f"process {jax.process_index()}: preempted at step "

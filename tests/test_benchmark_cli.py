@@ -1,4 +1,4 @@
-"""scripts/benchmark.py on CPU at tiny sizes: it runs and reports sanely."""
+"""benchmarks/benchmark.py on CPU at tiny sizes: it runs and reports sanely."""
 
 import json
 import os
@@ -10,7 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _benchmark(*flags):
   return subprocess.run(
-      [sys.executable, os.path.join(ROOT, "scripts", "benchmark.py"), *flags],
+      [sys.executable, os.path.join(ROOT, "benchmarks", "benchmark.py"), *flags],
       cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
 
 
@@ -52,7 +52,7 @@ def test_bad_benchmark_arguments_are_one_line_errors():
 
 def test_input_benchmark_times_each_pipeline_per_core():
   result = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "scripts", "bench_input.py"),
+      [sys.executable, os.path.join(ROOT, "benchmarks", "bench_input.py"),
        "--cores=1", "--sizes=32", "--batch_size=4", "--batches=2", "--json"],
       cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
   assert result.returncode == 0, result.stderr[-2000:]
@@ -64,7 +64,7 @@ def test_input_benchmark_times_each_pipeline_per_core():
     assert row["images_per_sec"] > 0
     assert row["per_core"] == row["images_per_sec"]
   bad = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "scripts", "bench_input.py"),
+      [sys.executable, os.path.join(ROOT, "benchmarks", "bench_input.py"),
        "--kinds=train,fast"], cwd=ROOT, capture_output=True, text=True,
       timeout=300, check=False)
   assert bad.returncode != 0 and "unknown --kinds ['fast']" in bad.stderr
@@ -72,7 +72,7 @@ def test_input_benchmark_times_each_pipeline_per_core():
 
 def test_kernel_census_counts_the_compiled_step():
   result = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "scripts", "kernel_census.py"),
+      [sys.executable, os.path.join(ROOT, "benchmarks", "kernel_census.py"),
        "--target=local", "--model=nfnet_f0", "--smoke", "--batch_size=232",
        "--image_size=32", "--top=5", "--list=stem_conv1/", "--json"],
       cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
@@ -100,7 +100,7 @@ def test_kernel_census_counts_the_compiled_step():
   assert "transpose(jvp" not in listed[0]["op"]
   assert any("transpose(jvp" in k["op"] for k in listed)
   bad = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "scripts", "kernel_census.py"),
+      [sys.executable, os.path.join(ROOT, "benchmarks", "kernel_census.py"),
        "--target=local", "--list=conv("],
       cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
   assert bad.returncode != 0 and "bad --list pattern 'conv('" in bad.stderr
@@ -108,7 +108,7 @@ def test_kernel_census_counts_the_compiled_step():
 
 
 def test_conv_benchmark_times_both_input_gradients():
-  script = os.path.join(ROOT, "scripts", "bench_conv.py")
+  script = os.path.join(ROOT, "benchmarks", "bench_conv.py")
   run = lambda *flags: subprocess.run(  # pylint: disable=g-long-lambda
       [sys.executable, script, *flags], cwd=ROOT, capture_output=True,
       text=True, timeout=300, check=False)

@@ -1,4 +1,4 @@
-"""`nfnets.conv.conv2d`: its polyphase input gradient against XLA's."""
+"""`nfnets.ops.conv.conv2d`: its polyphase input gradient against XLA's."""
 
 import itertools
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxpr_helpers import find_eqns
-from nfnets import conv
+from nfnets.ops import conv
 
 
 def _xla_conv(x, kernel, stride, groups):

@@ -97,7 +97,7 @@ def test_source_reads_bytes_and_labels_in_index_order(folder):
 
 def test_trainer_end_to_end_on_an_image_folder(folder, tmp_path):
   from configs import digits  # pylint: disable=g-import-not-at-top
-  from nfnets import trainer  # pylint: disable=g-import-not-at-top
+  from nfnets.training import loop  # pylint: disable=g-import-not-at-top
   config = digits.get_config()
   config.dataset.update(dict(name="image_folder", data_dir=folder,
                              num_classes=3, image_size=32, eval_image_size=32,
@@ -106,7 +106,7 @@ def test_trainer_end_to_end_on_an_image_folder(folder, tmp_path):
   config.eval_batch_size = 8
   config.num_steps = 2
   config.checkpoint.async_save = False
-  results = trainer.train_and_evaluate(config, str(tmp_path), "train_eval")
+  results = loop.train_and_evaluate(config, str(tmp_path), "train_eval")
   num_val = len(image_folder.list_image_folder(folder, "val", 0.25, 0)[0])
   assert results["eval_examples"] == num_val
   assert np.isfinite(results["eval_loss"])
@@ -114,16 +114,16 @@ def test_trainer_end_to_end_on_an_image_folder(folder, tmp_path):
 
 def test_image_folder_config_needs_a_data_dir():
   from configs import digits  # pylint: disable=g-import-not-at-top
-  from nfnets import experiment  # pylint: disable=g-import-not-at-top
+  from nfnets.training import experiment_config  # pylint: disable=g-import-not-at-top
   config = digits.get_config()
   config.dataset.name = "image_folder"
   with pytest.raises(ValueError,
                      match="dataset.data_dir is required for image_folder"):
-    experiment.validate(config)
+    experiment_config.validate(config)
 
 
 def test_trainer_and_digits_data_do_not_import_tensorflow():
-  code = ("import sys; import nfnets.trainer, nfnets.data, nfnets.models; "
+  code = ("import sys; import nfnets.training.loop, nfnets.data, nfnets.models; "
           "assert 'tensorflow' not in sys.modules, 'TF imported'")
   subprocess.run([sys.executable, "-c", code], check=True,
                  env={**os.environ, "JAX_PLATFORMS": "cpu"})

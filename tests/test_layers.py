@@ -9,6 +9,7 @@ import pytest
 from jaxpr_helpers import count_primitive
 from jaxpr_helpers import find_eqns
 from nfnets import layers
+from nfnets.ops import standardize
 
 # SPEC.md's gamma table (ICLR 2021, App. D), checked independently of the
 # constants in nfnets.layers.
@@ -61,7 +62,7 @@ def test_unknown_activation_is_a_clear_error():
 
 def test_standardized_kernel_statistics():
   w = jax.random.normal(jax.random.PRNGKey(0), (3, 3, 16, 32)) * 3.0 + 1.5
-  w_hat = np.asarray(layers.standardize_weight(w, jnp.ones(32)))
+  w_hat = np.asarray(standardize.standardize_weight(w, jnp.ones(32)))
   fan_in = 3 * 3 * 16
   flat = w_hat.reshape(fan_in, 32)
   np.testing.assert_allclose(flat.mean(0), 0.0, atol=1e-6)
@@ -71,18 +72,18 @@ def test_standardized_kernel_statistics():
 def test_standardization_is_invariant_to_shift_and_scale():
   w = jax.random.normal(jax.random.PRNGKey(0), (3, 3, 8, 4))
   gain = jnp.arange(1.0, 5.0)
-  a = layers.standardize_weight(w, gain)
-  b = layers.standardize_weight(w * 7.5 - 2.0, gain)
+  a = standardize.standardize_weight(w, gain)
+  b = standardize.standardize_weight(w * 7.5 - 2.0, gain)
   np.testing.assert_allclose(a, b, atol=1e-5)
   # The gain scales each output channel.
-  np.testing.assert_allclose(a / gain, layers.standardize_weight(
+  np.testing.assert_allclose(a / gain, standardize.standardize_weight(
       w, jnp.ones(4)), atol=1e-6)
 
 
 def test_standardization_of_bfloat16_kernels_is_float32():
   w = (jax.random.normal(jax.random.PRNGKey(4), (3, 3, 64, 8)) * 0.02 +
        3.0).astype(jnp.bfloat16)
-  w_hat = layers.standardize_weight(w, jnp.ones(8, jnp.bfloat16))
+  w_hat = standardize.standardize_weight(w, jnp.ones(8, jnp.bfloat16))
   assert w_hat.dtype == jnp.float32
   ref = np.asarray(w, np.float64).reshape(-1, 8)
   ref = (ref - ref.mean(0)) / np.sqrt(ref.shape[0] * ref.var(0))
@@ -96,7 +97,7 @@ def test_standardization_of_bfloat16_kernels_is_float32():
 
 
 def test_standardization_floor_on_constant_kernel():
-  w_hat = layers.standardize_weight(jnp.ones((1, 1, 4, 2)), jnp.ones(2))
+  w_hat = standardize.standardize_weight(jnp.ones((1, 1, 4, 2)), jnp.ones(2))
   assert np.all(np.isfinite(w_hat)) and np.allclose(w_hat, 0.0)
 
 
@@ -116,7 +117,7 @@ def test_standardization_matches_two_pass_reference_on_hard_kernels():
   w[..., 2] = 0.25  # constant: the eps floor
   w[..., 3] *= 1e-4  # N * var below eps: floored too
   gain = np.array([0.5, 2.0, 1.0, 3.0, -1.0], np.float32)
-  w_hat = np.asarray(layers.standardize_weight(jnp.asarray(w), gain))
+  w_hat = np.asarray(standardize.standardize_weight(jnp.asarray(w), gain))
   ref = _np_standardize(w, gain)
   # float32 rounding of w (1e3 +- 1e-2 carries ~6e-5 relative error per
   # element on the spread) bounds the agreement of channel 1.
@@ -138,7 +139,7 @@ def test_standardization_gradient_matches_autodiff_of_the_formula():
   w[..., 5] *= 1e-4
   gain = jnp.asarray(rng.uniform(0.5, 2.0, 6), jnp.float32)
   cotangent = jnp.asarray(rng.normal(size=w.shape), jnp.float32)
-  out, vjp = jax.vjp(layers.standardize_weight, jnp.asarray(w), gain)
+  out, vjp = jax.vjp(standardize.standardize_weight, jnp.asarray(w), gain)
   ref_out, ref_vjp = jax.vjp(formula, jnp.asarray(w), gain)
   np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-6)
   for got, want in zip(vjp(cotangent), ref_vjp(cotangent)):
@@ -150,7 +151,7 @@ def test_standardization_and_its_gradient_take_four_reductions():
   # Two sums per channel forward (one pass), two backward: differentiating
   # the formula as written takes 10, each a small GPU kernel per conv.
   w, gain = jnp.ones((3, 3, 8, 4)), jnp.ones(4)
-  vjp = lambda w, gain: jax.vjp(layers.standardize_weight, w, gain)[1](w)
+  vjp = lambda w, gain: jax.vjp(standardize.standardize_weight, w, gain)[1](w)
   assert count_primitive(vjp, "reduce_sum", w, gain) == 4
 
 def _conv_apply(x, **kwargs):

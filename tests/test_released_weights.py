@@ -17,9 +17,9 @@ from PIL import Image
 import pytest
 
 import cli_helpers
-from nfnets import checkpoint
 from nfnets import models
 from nfnets import released_weights
+from nfnets.training import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -272,7 +272,7 @@ def test_fine_tune_from_released_f0_on_a_10_class_image_folder(
     f0_params, released_file, tmp_path):
   pytest.importorskip("tensorflow")
   import configs.digits as digits_config  # pylint: disable=g-import-not-at-top
-  from nfnets import trainer  # pylint: disable=g-import-not-at-top
+  from nfnets.training import loop  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   for k in range(10):
     os.makedirs(tmp_path / "folder" / f"class_{k}")
@@ -294,7 +294,7 @@ def test_fine_tune_from_released_f0_on_a_10_class_image_folder(
   # A zero learning rate and no decay keep the weights as loaded, so that the
   # checkpoint can be compared with the file; the steps still run.
   config.optimizer.update(dict(base_lr=0.0, weight_decay=0.0))
-  results = trainer.train_and_evaluate(config, str(tmp_path / "run"),
+  results = loop.train_and_evaluate(config, str(tmp_path / "run"),
                                        "train")
   assert np.isfinite(results["loss"]) and results["eval_examples"] == 10
   saved = checkpoint.read_params(str(tmp_path / "run"))["params"]
@@ -312,8 +312,8 @@ def test_evaluate_released_f0_on_a_local_imagenet(f0_params, released_file,
   import io
   import fake_imagenet
   from configs import nfnet
-  from nfnets import trainer
-  from nfnets.data import tfds_source
+  from nfnets.training import loop
+  from nfnets.data.tfds import source as tfds_source
   from nfnets.data import transforms
   # pylint: enable=g-import-not-at-top
   manual_dir, data_dir = str(tmp_path / "manual"), str(tmp_path / "tfds")
@@ -325,7 +325,7 @@ def test_evaluate_released_f0_on_a_local_imagenet(f0_params, released_file,
   config.update(dict(batch_size=8, eval_batch_size=8, precision="float32"))
   # Evaluation never opens the training split.
   config.dataset.train_split = "no_such_split"
-  results = trainer.train_and_evaluate(config, str(tmp_path / "run"), "eval")
+  results = loop.train_and_evaluate(config, str(tmp_path / "run"), "eval")
   # Independently: PIL's resize_crop_32 of each stored image, then the model.
   source = tfds_source.load("imagenet2012", "validation", data_dir=data_dir)
   encoded, labels = source.read(np.arange(source.num_examples))

@@ -9,13 +9,13 @@ from jax.sharding import Mesh
 import numpy as np
 import pytest
 
-from nfnets import checkpoint
 from nfnets import models
-from nfnets import optim
-from nfnets import parallel
-from nfnets import train
-from nfnets import trainer
 from nfnets.data import digits
+from nfnets.training import checkpoint
+from nfnets.training import loop
+from nfnets.training import optim
+from nfnets.training import parallel
+from nfnets.training import steps
 
 import configs.digits as digits_config  # pylint: disable=g-bad-import-order
 import configs.nfnet as nfnet_config  # pylint: disable=g-bad-import-order
@@ -47,9 +47,9 @@ def _setup(config, mesh):
                              **config.model.kwargs)
   schedule = optim.learning_rate_schedule(config, 100, 10)
   optimizer = optim.make_optimizer(config, schedule)
-  state = train.make_init(model, optimizer, (32, 32, 3), mesh)(
+  state = steps.make_init(model, optimizer, (32, 32, 3), mesh)(
       jax.random.PRNGKey(0))
-  step = train.make_train_step(model, optimizer, schedule, config, mesh)
+  step = steps.make_train_step(model, optimizer, schedule, config, mesh)
   return state, step
 
 
@@ -136,22 +136,23 @@ def test_ema_update_and_decay_follow_the_formula():
       np.testing.assert_allclose(ema, expected, rtol=1e-6, atol=1e-7)
   # Warmup: min(decay, (1 + t) / (10 + t)).
   config.ema.warmup = True
-  assert float(train.ema_decay(config, jnp.asarray(0))) == pytest.approx(0.1)
-  assert float(train.ema_decay(config, jnp.asarray(10**6))) == pytest.approx(0.9)
+  assert float(steps.ema_decay(config, jnp.asarray(0))) == pytest.approx(0.1)
+  assert float(steps.ema_decay(config, jnp.asarray(10**6))) == pytest.approx(0.9)
 
 
 def test_default_ema_forgets_the_initial_weights_over_the_nfnet_recipe():
   """The released recipe warms the EMA decay up (its default 'tf1_ema')."""
   config = nfnet_config.get_config("variant=F0")
-  steps = math.ceil(config.num_epochs * 1281167 / config.batch_size)
+  num_steps = math.ceil(config.num_epochs * 1281167 / config.batch_size)
   decays = lambda: np.broadcast_to(np.asarray(
-      train.ema_decay(config, jnp.arange(steps)), np.float64), (steps,))
+      steps.ema_decay(config, jnp.arange(num_steps)), np.float64),
+      (num_steps,))
   # The weight of the initial parameters in the final EMA: prod of decays.
   assert np.prod(decays()) < 1e-30
   # (1 + t) / (10 + t) is still below 0.99999 at the end, as in that code.
-  assert decays()[-1] == pytest.approx(steps / (steps + 9), rel=1e-6)
+  assert decays()[-1] == pytest.approx(num_steps / (num_steps + 9), rel=1e-6)
   config.ema.warmup = False
-  assert np.prod(decays()) == pytest.approx(0.99999**steps, rel=0.01)  # 0.33
+  assert np.prod(decays()) == pytest.approx(0.99999**num_steps, rel=0.01)  # 0.33
 
 
 def test_weight_decay_skips_gains_and_biases():
@@ -170,7 +171,7 @@ def test_weight_decay_skips_gains_and_biases():
 
 def test_train_eval_end_to_end_writes_metrics_and_checkpoints(tmp_path):
   config = tiny_config()
-  results = trainer.train_and_evaluate(config, str(tmp_path), "train_eval")
+  results = loop.train_and_evaluate(config, str(tmp_path), "train_eval")
   assert 0.0 <= results["eval_ema_top1"] <= 1.0
   assert results["eval_examples"] == 359
   assert sorted(os.listdir(tmp_path / "checkpoints"))[:2] == ["3", "6"]
@@ -178,14 +179,14 @@ def test_train_eval_end_to_end_writes_metrics_and_checkpoints(tmp_path):
   assert any('"agc_clipped_fraction"' in line for line in lines)
   assert any('"eval_ema_top5"' in line for line in lines)
   # Resuming a finished run trains no further and evaluates the same state.
-  again = trainer.train_and_evaluate(config, str(tmp_path), "eval")
+  again = loop.train_and_evaluate(config, str(tmp_path), "eval")
   assert again["eval_ema_top1"] == results["eval_ema_top1"]
 
 
 def test_truncated_latest_checkpoint_falls_back_to_previous(tmp_path,
                                                             caplog):
   config = tiny_config()
-  trainer.train_and_evaluate(config, str(tmp_path), "train")
+  loop.train_and_evaluate(config, str(tmp_path), "train")
   # Truncate every data file of the newest checkpoint.
   latest = tmp_path / "checkpoints" / "6" / "state"
   truncated = 0
@@ -203,7 +204,7 @@ def test_truncated_latest_checkpoint_falls_back_to_previous(tmp_path,
   assert data_state == {"epoch": 0, "batch": 3}
   assert "step 6" in caplog.text and "unreadable" in caplog.text
   # Resumed, the run trains step 6 again and replaces the unreadable one.
-  trainer.train_and_evaluate(config, str(tmp_path), "train")
+  loop.train_and_evaluate(config, str(tmp_path), "train")
   caplog.clear()
   with caplog.at_level("WARNING"):
     restored, data_state = _restore_latest(config, tmp_path)
@@ -211,17 +212,17 @@ def test_truncated_latest_checkpoint_falls_back_to_previous(tmp_path,
 
 
 def test_a_changed_config_is_an_error_not_a_fresh_start(tmp_path):
-  trainer.train_and_evaluate(tiny_config(), str(tmp_path), "train")
+  loop.train_and_evaluate(tiny_config(), str(tmp_path), "train")
   folder = tmp_path / "checkpoints"
   before = {p: os.path.getmtime(p) for p in folder.rglob("*")}
   for mode in ("train", "eval"):
     with pytest.raises(ValueError, match=r"checkpoint at step 6 .* holds "
                        r"another model or optimizer .*opt_state"):
-      trainer.train_and_evaluate(tiny_config(**{"optimizer.name": "adamw"}),
+      loop.train_and_evaluate(tiny_config(**{"optimizer.name": "adamw"}),
                                  str(tmp_path), mode)
   with pytest.raises(ValueError, match=r"final_conv/bias has shape \[384\] "
                      r"in the checkpoint, \[768\] here"):
-    trainer.train_and_evaluate(
+    loop.train_and_evaluate(
         tiny_config(**{"model.kwargs": dict(tiny_config().model.kwargs,
                                             width_multiplier=0.25)}),
         str(tmp_path), "train")
@@ -246,7 +247,7 @@ def test_bad_config_is_a_clear_error_and_writes_nothing(tmp_path, overrides,
                                                         message):
   workdir = tmp_path / "run"
   with pytest.raises(ValueError, match=message):
-    trainer.train_and_evaluate(tiny_config(**overrides), str(workdir))
+    loop.train_and_evaluate(tiny_config(**overrides), str(workdir))
   assert not workdir.exists()
 
 
@@ -254,21 +255,21 @@ def test_unwritable_workdir_is_a_clear_error(tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("not a directory")
   with pytest.raises(ValueError, match="cannot create workdir"):
-    trainer.train_and_evaluate(tiny_config(), str(blocker / "run"))
+    loop.train_and_evaluate(tiny_config(), str(blocker / "run"))
 
 
 def test_init_from_wrong_model_names_the_module(tmp_path):
-  trainer.train_and_evaluate(tiny_config(), str(tmp_path / "a"))
+  loop.train_and_evaluate(tiny_config(), str(tmp_path / "a"))
   wider = tiny_config(init_from=str(tmp_path / "a"))
   wider.model.kwargs = dict(wider.model.kwargs, width_multiplier=0.25)
   with pytest.raises(ValueError, match="does not fit the model: module"):
-    trainer.train_and_evaluate(wider, str(tmp_path / "b"))
+    loop.train_and_evaluate(wider, str(tmp_path / "b"))
   assert not (tmp_path / "b" / "checkpoints").exists() or not os.listdir(
       tmp_path / "b" / "checkpoints")
   # The same model initialises from it and starts at step 0 with its weights.
   same = tiny_config(init_from=str(tmp_path / "a"), num_steps=3)
-  results = trainer.train_and_evaluate(same, str(tmp_path / "c"), "eval")
-  first = trainer.train_and_evaluate(tiny_config(), str(tmp_path / "a"),
+  results = loop.train_and_evaluate(same, str(tmp_path / "c"), "eval")
+  first = loop.train_and_evaluate(tiny_config(), str(tmp_path / "a"),
                                      "eval")
   assert results["eval_top1"] == first["eval_top1"]
 
@@ -279,14 +280,14 @@ def test_init_from_a_batch_norm_run_carries_its_statistics(tmp_path):
   config.update(dict(num_steps=4, batch_size=32, eval_batch_size=40,
                      log_every_steps=2))
   config.checkpoint.update(dict(every_steps=2, async_save=False))
-  trainer.train_and_evaluate(config, str(tmp_path / "a"), "train")
+  loop.train_and_evaluate(config, str(tmp_path / "a"), "train")
   # The state keeps its types through the step (batch norm's int counter).
   saved = checkpoint.read_params(str(tmp_path / "a"))["model_state"]
   counters = [v for m in saved.values() for k, v in m.items() if k == "counter"]
   assert counters and all(c.dtype == np.int32 for c in counters)
-  own = trainer.train_and_evaluate(config, str(tmp_path / "a"), "eval")
+  own = loop.train_and_evaluate(config, str(tmp_path / "a"), "eval")
   config.init_from = str(tmp_path / "a")
-  via = trainer.train_and_evaluate(config, str(tmp_path / "b"), "eval")
+  via = loop.train_and_evaluate(config, str(tmp_path / "b"), "eval")
   for key in ("eval_top1", "eval_loss", "eval_ema_top1", "eval_ema_loss"):
     assert via[key] == own[key], key
 
@@ -295,9 +296,9 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_state(
     tmp_path):
   config = tiny_config(num_steps=12)
   config.optimizer.update(dict(base_lr=1e30, agc_clipping=0.0))
-  with pytest.raises(trainer.NonFiniteLossError,
+  with pytest.raises(loop.NonFiniteLossError,
                      match=r"NaN/inf at step \d+.*last good state"):
-    trainer.train_and_evaluate(config, str(tmp_path))
+    loop.train_and_evaluate(config, str(tmp_path))
   loaded = checkpoint.read_params(str(tmp_path))
   for leaf in jax.tree.leaves(loaded["params"]):
     assert np.all(np.isfinite(leaf))
@@ -325,16 +326,16 @@ class _PoisonedIterator:
 
 def test_a_run_stopped_by_a_nan_batch_resumes_and_finishes(tmp_path,
                                                             monkeypatch):
-  make_iterator = trainer.data.train_iterator
-  monkeypatch.setattr(trainer.data, "train_iterator",
+  make_iterator = loop.data.train_iterator
+  monkeypatch.setattr(loop.data, "train_iterator",
                       lambda config: _PoisonedIterator(make_iterator(config),
                                                        bad=5))
-  with pytest.raises(trainer.NonFiniteLossError, match="NaN/inf at step 4"):
-    trainer.train_and_evaluate(tiny_config(num_steps=9), str(tmp_path))
+  with pytest.raises(loop.NonFiniteLossError, match="NaN/inf at step 4"):
+    loop.train_and_evaluate(tiny_config(num_steps=9), str(tmp_path))
   restored, _ = _restore_latest(tiny_config(), tmp_path)
   assert int(restored.step) == 4 and int(restored.nonfinite_step) == -1
-  monkeypatch.setattr(trainer.data, "train_iterator", make_iterator)
-  results = trainer.train_and_evaluate(tiny_config(num_steps=9),
+  monkeypatch.setattr(loop.data, "train_iterator", make_iterator)
+  results = loop.train_and_evaluate(tiny_config(num_steps=9),
                                        str(tmp_path))
   assert "eval_top1" in results and np.isfinite(results["loss"])
   assert int(_restore_latest(tiny_config(), tmp_path)[0].step) == 9

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from nfnets import checkpoint
+from nfnets.training import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHORT = ["--config.num_steps=24", "--config.batch_size=32",

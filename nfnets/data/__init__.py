@@ -22,9 +22,9 @@ from typing import Iterator
 import jax
 import ml_collections
 
-from nfnets import parallel
 from nfnets.data import arrays
 from nfnets.data import digits
+from nfnets.training import parallel
 
 
 def _source(config: ml_collections.ConfigDict, train: bool):
@@ -57,7 +57,7 @@ def _open_source(name: str, split: str, data_dir: str, manual_dir: str,
   if name == "image_folder":
     from nfnets.data import image_folder  # pylint: disable=g-import-not-at-top
     return image_folder.ImageFolderSource(data_dir, split, val_fraction)
-  from nfnets.data import tfds_source  # pylint: disable=g-import-not-at-top
+  from nfnets.data.tfds import source as tfds_source  # pylint: disable=g-import-not-at-top
   return tfds_source.open_split(name, split, data_dir=data_dir,
                                 manual_dir=manual_dir,
                                 may_prepare=may_prepare)

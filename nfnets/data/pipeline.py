@@ -3,7 +3,7 @@
 A *source* is anything with `num_examples` and `read(indices)` returning the
 encoded image bytes (JPEG, PNG, ...) and int32 labels of those examples, in
 order: an image folder (`image_folder.ImageFolderSource`) or a prepared TFDS
-dataset (`tfds_source.TFDSSource`). Reading by index lets every source share
+dataset (`tfds.source.TFDSSource`). Reading by index lets every source share
 `arrays.EpochSampler`'s order: seeded epoch permutations, per-process
 contiguous slices of each global batch, and an (epoch, batch) position that
 resumes exactly.

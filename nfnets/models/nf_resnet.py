@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from nfnets import layers
-from nfnets.models import nfnet
+from nfnets.models import common
 
 # Blocks per stage by depth (He et al. 2016; 26 and 288 as in the paper).
 DEPTHS: dict[int, tuple[int, int, int, int]] = {
@@ -112,11 +112,11 @@ class NFResNet(hk.Module):
   def __call__(self, images: jax.Array, is_training: bool,
                return_metrics: bool = False):
     """Applies the network; see `NFNet.__call__` for the arguments."""
-    nfnet.check_image(images, TOTAL_STRIDE)
+    common.check_image(images, TOTAL_STRIDE)
     out = hk.max_pool(self.stem(images), (1, 3, 3, 1), (1, 2, 2, 1), "SAME")
-    out, metrics = nfnet.apply_blocks(self.blocks, self.block_stages, out,
+    out, metrics = common.apply_blocks(self.blocks, self.block_stages, out,
                                       is_training, self.remat)
-    logits = nfnet.classify(self.activation(out), self.classifier,
+    logits = common.classify(self.activation(out), self.classifier,
                             self.dropout_rate, is_training)
     if not return_metrics:
       return logits

@@ -7,7 +7,6 @@ parameter names follow the released DeepMind checkpoints
 """
 
 import dataclasses
-import functools
 from typing import Optional, Sequence, Union
 
 import haiku as hk
@@ -15,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from nfnets import layers
+from nfnets.models import common
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,70 +211,16 @@ class NFNet(hk.Module):
       per-block arrays `avg_sq_mean`, `avg_var` (block outputs),
       `res_var` (residual branch ends) and `stage`.
     """
-    check_image(images, TOTAL_STRIDE)
+    common.check_image(images, TOTAL_STRIDE)
     out = images
     for i, conv in enumerate(self.stem):
       out = conv(out)
       if i < len(self.stem) - 1:
         out = self.activation(out)
-    out, metrics = apply_blocks(self.blocks, self.block_stages, out,
+    out, metrics = common.apply_blocks(self.blocks, self.block_stages, out,
                                 is_training, self.remat)
     out = self.activation(self.final_conv(out))
-    logits = classify(out, self.classifier, self.dropout_rate, is_training)
+    logits = common.classify(out, self.classifier, self.dropout_rate, is_training)
     if not return_metrics:
       return logits
     return logits, metrics
-
-
-def check_image(images: jax.Array, total_stride: int) -> None:
-  """Raises a clear ValueError for images a network cannot take."""
-  if images.ndim != 4:
-    raise ValueError(f"expected images [N, H, W, C], got shape {images.shape}")
-  if min(images.shape[1:3]) < total_stride:
-    raise ValueError(
-        f"image {images.shape[1]}x{images.shape[2]} is smaller than the "
-        f"network's total stride {total_stride}; use at least "
-        f"{total_stride}x{total_stride}")
-
-
-def classify(features: jax.Array, classifier: hk.Module, dropout_rate: float,
-             is_training: bool) -> jax.Array:
-  """Global average pool, dropout when training, then the classifier."""
-  pooled = jnp.mean(features, axis=(1, 2))
-  if is_training and dropout_rate > 0:
-    pooled = hk.dropout(hk.next_rng_key(), dropout_rate, pooled)
-  return classifier(pooled)
-
-
-def apply_blocks(blocks, stages, x: jax.Array, is_training: bool,
-                 remat: bool = False):
-  """Runs residual blocks, collecting the per-block signal metrics.
-
-  Args:
-    blocks: modules returning (output, residual-branch average variance).
-    stages: the stage index of each block.
-    x: the input to the first block.
-    is_training: passed to each block.
-    remat: recompute each block's activations in the backward pass
-      (`hk.remat`) instead of storing them: only block inputs stay in
-      memory, for about one more forward pass of compute.
-
-  Returns:
-    The last block's output and a dict of per-block arrays: `avg_sq_mean` and
-    `avg_var` of each block's output, `res_var` of its residual branch's end
-    (before stochastic depth and skip_gain), and `stage`.
-  """
-  sq_means, variances, res_vars = [], [], []
-  for block in blocks:
-    call = functools.partial(block, is_training=is_training)
-    x, res_var = (hk.remat(call) if remat else call)(x)
-    sq_mean, var = layers.signal_metrics(x)
-    sq_means.append(sq_mean)
-    variances.append(var)
-    res_vars.append(res_var)
-  return x, {
-      "avg_sq_mean": jnp.stack(sq_means),
-      "avg_var": jnp.stack(variances),
-      "res_var": jnp.stack(res_vars),
-      "stage": jnp.asarray(stages, jnp.int32),
-  }

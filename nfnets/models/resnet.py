@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from nfnets import layers
 from nfnets.models import nf_resnet
-from nfnets.models import nfnet
+from nfnets.models import common
 
 
 def _batch_norm(name: str, scale_init=None) -> hk.BatchNorm:
@@ -89,12 +89,12 @@ class ResNet(hk.Module):
   def __call__(self, images: jax.Array, is_training: bool,
                return_metrics: bool = False):
     """Applies the network; see `NFNet.__call__` for the arguments."""
-    nfnet.check_image(images, nf_resnet.TOTAL_STRIDE)
+    common.check_image(images, nf_resnet.TOTAL_STRIDE)
     out = hk.max_pool(self.stem(images), (1, 3, 3, 1), (1, 2, 2, 1), "SAME")
-    out, metrics = nfnet.apply_blocks(self.blocks, self.block_stages, out,
+    out, metrics = common.apply_blocks(self.blocks, self.block_stages, out,
                                          is_training)
     out = jax.nn.relu(self.final_bn(out, is_training))
-    logits = nfnet.classify(out, self.classifier, self.dropout_rate,
+    logits = common.classify(out, self.classifier, self.dropout_rate,
                             is_training)
     if not return_metrics:
       return logits

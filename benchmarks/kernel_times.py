@@ -1,8 +1,8 @@
 """Sums GPU kernel time by kernel name from a Perfetto/Chrome JSON trace.
 
-  python scripts/kernel_times.py TRACE.json.gz [--top=40] [--steps=3]
+  python benchmarks/kernel_times.py TRACE.json.gz [--top=40] [--steps=3]
 
-Reads the trace that `scripts/benchmark.py --trace_dir` writes and prints the
+Reads the trace that `benchmarks/benchmark.py --trace_dir` writes and prints the
 kernels that take the most device time per step, grouped by name, with their
 share of the total: where a training step's time goes.
 """

@@ -1,11 +1,11 @@
 """Times the strided grouped convolutions of an NFNet, forward and backward.
 
-  python scripts/bench_conv.py [--variant=F0] [--batch_size=256]
+  python benchmarks/bench_conv.py [--variant=F0] [--batch_size=256]
       [--image_size=192] [--steps=20] [--json]
 
 For each strided grouped 3x3 convolution of the network (conv1 of the first
 block of stages 2-4), in bfloat16, times the forward pass and the gradients
-with respect to input and kernel two ways: with `nfnets.conv.conv2d` (the
+with respect to input and kernel two ways: with `nfnets.ops.conv.conv2d` (the
 models' convolution: polyphase input gradient) and with
 `lax.conv_general_dilated` differentiated by XLA (which convolves a
 zero-interleaved output gradient). Prints milliseconds per call and the
@@ -25,8 +25,8 @@ import numpy as np
 
 # Runnable from a checkout that is not installed (the GPU machine's).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from nfnets import conv  # pylint: disable=g-import-not-at-top,wrong-import-position
 from nfnets.models import nfnet  # pylint: disable=g-import-not-at-top,wrong-import-position
+from nfnets.ops import conv  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _VARIANT = flags.DEFINE_string("variant", "F0", "NFNet variant (widths).")
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Batch size.")

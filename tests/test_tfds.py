@@ -18,8 +18,9 @@ pytest.importorskip("tensorflow_datasets")
 pytest.importorskip("array_record")
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from nfnets.data import tfds_prepare
-from nfnets.data import tfds_source
+from nfnets.data.tfds import builders as tfds_builders
+from nfnets.data.tfds import prepare as tfds_prepare
+from nfnets.data.tfds import source as tfds_source
 import fake_imagenet
 
 NAME = "imagenet2012"
@@ -183,11 +184,11 @@ def test_not_prepared_errors(tmp_path):
                           ("", "data_dir is empty")]:
     _one_line_error(lambda d=data_dir: tfds_source.load(NAME, "train",
                                                         data_dir=d),
-                    where, "tfds_prepare.prepare", "manual_dir", tars)
+                    where, "tfds.prepare.prepare", "manual_dir", tars)
   empty = tmp_path / "empty"
   empty.mkdir()
   _one_line_error(lambda: tfds_source.load(NAME, "train", data_dir=str(empty)),
-                  str(empty), "is empty", "tfds_prepare.prepare", tars)
+                  str(empty), "is empty", "tfds.prepare.prepare", tars)
   other = tmp_path / "other"
   (other / "mnist").mkdir(parents=True)
   _one_line_error(lambda: tfds_source.load(NAME, "train", data_dir=str(other)),
@@ -203,10 +204,10 @@ def test_unknown_name_and_split_errors(imagenet):
   _one_line_error(
       lambda: tfds_source.load("no_such_dataset", "train", data_dir=data_dir),
       "unknown dataset 'no_such_dataset'", data_dir)
-  _one_line_error(lambda: tfds_source.check_name("no_such_dataset"),
+  _one_line_error(lambda: tfds_builders.check_name("no_such_dataset"),
                   "unknown dataset 'no_such_dataset'")
-  tfds_source.check_name(NAME)
-  tfds_source.check_name("cifar10")
+  tfds_builders.check_name(NAME)
+  tfds_builders.check_name("cifar10")
   _one_line_error(lambda: tfds_source.load(NAME, "val", data_dir=data_dir),
                   "no split 'val'", "available: train, validation", data_dir)
 
@@ -255,7 +256,7 @@ def test_open_split_picks_the_eval_split(imagenet, tmp_path):
   _one_line_error(
       lambda: tfds_source.open_split(NAME, "train", data_dir=fresh,
                                      manual_dir=manual_dir, may_prepare=False),
-      "does not exist", "tfds_prepare.prepare",
+      "does not exist", "tfds.prepare.prepare",
       "with several processes none prepares it")
 
 
@@ -312,7 +313,7 @@ def test_tfrecord_dataset_converts_to_array_record(tmp_path):
   name = "nfnets_tiny_images"
   message = _one_line_error(
       lambda: tfds_source.load(name, "train", data_dir=data_dir),
-      "tfrecord", "cannot be read by index", "tfds_prepare.convert(",
+      "tfrecord", "cannot be read by index", "prepare.convert(",
       "tfds convert_format", "--out_file_format=array_record")
   # The command in the message is the real one.
   command = message.split('python -c "')[1].split('"')[0]
@@ -353,7 +354,7 @@ def test_nfnet_config_trains_and_evaluates_on_fake_imagenet(imagenet,
                                                             tmp_path):
   """configs/nfnet.py as a user runs it, with a tiny model: 2 steps + eval."""
   from configs import nfnet  # pylint: disable=g-import-not-at-top
-  from nfnets import trainer  # pylint: disable=g-import-not-at-top
+  from nfnets.training import loop  # pylint: disable=g-import-not-at-top
   _, manual_dir, written, _, _ = imagenet
   config = nfnet.get_config("variant=F0")
   assert config.dataset.randaugment_layers == 4
@@ -367,7 +368,7 @@ def test_nfnet_config_trains_and_evaluates_on_fake_imagenet(imagenet,
   config.update(dict(batch_size=8, eval_batch_size=8, num_steps=2,
                      precision="float32", log_every_steps=1))
   config.checkpoint.async_save = False
-  results = trainer.train_and_evaluate(config, str(tmp_path / "run"),
+  results = loop.train_and_evaluate(config, str(tmp_path / "run"),
                                        "train_eval")
   assert results["eval_examples"] == written["num_examples"]["validation"]
   assert np.isfinite(results["loss"]) and np.isfinite(results["eval_loss"])

@@ -1,4 +1,4 @@
-"""Preparing TFDS datasets for `tfds_source`, offline.
+"""Preparing TFDS datasets for `nfnets.data.tfds.source`, offline.
 
 `prepare(name, data_dir=..., manual_dir=...)` runs the real TFDS builder of a
 manual-download dataset (imagenet2012: the ILSVRC2012 tars) into `data_dir`
@@ -21,21 +21,12 @@ import shutil
 import tempfile
 from typing import Any
 
-from nfnets.data.tfds_source import _builder_cls
-from nfnets.data.tfds_source import _conversion_error
-from nfnets.data.tfds_source import _has_array_record
-from nfnets.data.tfds_source import _how_to_prepare
-from nfnets.data.tfds_source import _make_builder
-from nfnets.data.tfds_source import _manual_files
-from nfnets.data.tfds_source import _open_builder
-from nfnets.data.tfds_source import _tfds
-from nfnets.data.tfds_source import ARRAY_RECORD
-from nfnets.data.tfds_source import check_name
+from nfnets.data.tfds import builders
 
 
 def _check_manual_dir(name: str, manual_dir: str, builder_cls: Any) -> None:
   """Raises ValueError unless `manual_dir` holds the files `name` needs."""
-  files = _manual_files(name, builder_cls)
+  files = builders.manual_files(name, builder_cls)
   wanted = f" holding {' and '.join(files)}" if files else ""
   if not manual_dir or not os.path.isdir(manual_dir):
     raise ValueError(
@@ -92,20 +83,20 @@ def prepare(name: str, *, data_dir: str, manual_dir: str) -> None:
       download, or the dataset is already prepared in tfrecord format (the
       message says how to convert it).
   """
-  tfds = _tfds()
-  check_name(name)
-  builder_cls = _builder_cls(name)
+  tfds = builders.tfds_module()
+  builders.check_name(name)
+  builder_cls = builders.find_builder_cls(name)
   if not getattr(builder_cls, "MANUAL_DOWNLOAD_INSTRUCTIONS", None):
     raise ValueError(
         f"cannot prepare TFDS {name}: prepare only builds manual-download "
         f"datasets (like imagenet2012) and never downloads; "
-        f"{_how_to_prepare(name, data_dir, builder_cls)}")
+        f"{builders.how_to_prepare(name, data_dir, builder_cls)}")
   if not data_dir:
     raise ValueError(f"cannot prepare TFDS {name}: data_dir is empty")
-  builder = _make_builder(name, data_dir)
+  builder = builders.make_builder(name, data_dir)
   if builder.is_prepared():
-    if not _has_array_record(builder):
-      raise _conversion_error(name, data_dir, builder)
+    if not builders.has_array_record(builder):
+      raise builders.conversion_error(name, data_dir, builder)
     logging.info("TFDS %s is already prepared in %s", name, builder.data_path)
     return
   _check_manual_dir(name, manual_dir, builder_cls)
@@ -116,7 +107,7 @@ def prepare(name: str, *, data_dir: str, manual_dir: str) -> None:
   scratch = tempfile.mkdtemp(prefix="tfds-downloads-")
   try:
     builder.download_and_prepare(download_dir=scratch, download_config=config,
-                                 file_format=ARRAY_RECORD)
+                                 file_format=builders.ARRAY_RECORD)
   finally:
     shutil.rmtree(scratch, ignore_errors=True)
 
@@ -138,8 +129,8 @@ def convert(name: str, *, data_dir: str) -> None:
   Raises:
     ValueError: (one line) if the dataset is unknown or not prepared there.
   """
-  builder = _open_builder(name, data_dir)
-  if _has_array_record(builder):
+  builder = builders.open_builder(name, data_dir)
+  if builders.has_array_record(builder):
     return
   # pylint: disable=g-import-not-at-top
   from tensorflow_datasets.core import dataset_info as dataset_info_lib

@@ -1,10 +1,10 @@
 """Counts the kernels of the trainer's compiled step, with or without a GPU.
 
-  python scripts/kernel_census.py --model=nfnet_f0 --image_size=192 \
+  python benchmarks/kernel_census.py --model=nfnet_f0 --image_size=192 \
       [--target=h200|h100|local] [--mode=train|eval] [--top=N]
       [--list=REGEX] [--dump=F] [--json]
 
-Compiles the step that `scripts/benchmark.py` times (the trainer's own) and
+Compiles the step that `benchmarks/benchmark.py` times (the trainer's own) and
 reads XLA's optimized HLO: every instruction of the entry computation that
 launches work (a fusion, a library call such as a cuDNN convolution, a copy)
 is one kernel. It also prints the program's peak memory from XLA's buffer
@@ -29,10 +29,14 @@ import collections
 import json
 import os
 import re
+import sys
 import time
 
 from absl import app
 from absl import flags
+
+# Runnable from a clone without installing: the repo root on the path.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _TARGET = flags.DEFINE_enum("target", "h200", ["h200", "h100", "local"],
                             "What to compile for.")
@@ -213,12 +217,12 @@ def main(argv):
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
   import numpy as np
-  import bench_step  # scripts/bench_step.py; puts the repo on sys.path
-  from nfnets import parallel
+  from benchmarks import step as bench_step
+  from nfnets.training import parallel
   # pylint: enable=g-import-not-at-top
 
   try:
-    config, soft_labels = bench_step.experiment_config(
+    config, soft_labels = bench_step.benchmark_config(
         _MODEL.value, _BATCH.value, _IMAGE.value, smoke=_SMOKE.value,
         remat=_REMAT.value)
     if _TARGET.value == "local":

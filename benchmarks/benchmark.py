@@ -1,23 +1,25 @@
 """Times the trainer's real train (or eval) step on synthetic on-device data.
 
-  python scripts/benchmark.py --model=nfnet_f0 --batch_size=256 \
+  python benchmarks/benchmark.py --model=nfnet_f0 --batch_size=256 \
       --image_size=192 --steps=50 [--mode=train|eval] [--json]
 
-The step is the one `experiments/train.py` runs (`nfnets.train`), built from
+The step is the one `experiments/train.py` runs (`nfnets.training.steps`), built from
 the model family's config (the NFNet recipe: bfloat16 compute, float32 master
 weights, AGC, SGD + Nesterov, weight decay, EMA, stochastic depth, label
-smoothing on MixUp/CutMix soft labels) by `scripts/bench_step.py`. Steps are
+smoothing on MixUp/CutMix soft labels) by `benchmarks/step.py`. Steps are
 dispatched back to back as the trainer does (no host sync between them) and
 timed in rounds of 10. Prints compile time, the median round's step time,
 images/s, achieved TFLOP/s and MFU (model FLOPs from the analytic MAC count: 2
 FLOPs per MAC, x3 for a training step), and peak device memory. `--smoke`
 shrinks the model as the configs' `smoke=True` does
-(`experiment.shrink_model`), so that it runs on a CPU in seconds;
+(`experiment_config.shrink_model`), so that it runs on a CPU in seconds;
 `--trace_dir` also records a profile of 3 steps; `--remat` measures the
 rematerialising model (`model.kwargs.remat=True`).
 """
 
 import json
+import os
+import sys
 import time
 
 from absl import app
@@ -26,9 +28,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import bench_step as bench  # scripts/bench_step.py; puts the repo on sys.path
-from nfnets import parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
+# Runnable from a clone without installing: the repo root on the path.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import step as bench  # pylint: disable=g-import-not-at-top,wrong-import-position
 from nfnets.models import summary  # pylint: disable=g-import-not-at-top,wrong-import-position
+from nfnets.training import parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _MODEL = flags.DEFINE_string("model", "nfnet_f0", "Registered model name.")
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Global batch size.")
@@ -82,7 +87,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
-    config, soft_labels = bench.experiment_config(
+    config, soft_labels = bench.benchmark_config(
         _MODEL.value, _BATCH.value, _IMAGE.value, _PRECISION.value,
         _SMOKE.value, _REMAT.value)
     mesh = parallel.make_mesh()

@@ -11,7 +11,8 @@ import jax
 import ml_collections
 
 from nfnets import models
-from nfnets import optim
+from nfnets.data.tfds import builders as tfds_builders
+from nfnets.training import optim
 
 # Besides these, `dataset.name` may be any TFDS image classification dataset.
 DATASETS = ("digits", "image_folder")
@@ -89,11 +90,16 @@ def base_config() -> ml_collections.ConfigDict:
       sam_rho=0.0, sam_sync=True))
   c.label_smoothing = 0.1
   # The released NFNet code warms the decay up ('tf1_ema', see
-  # `train.ema_decay`): with a flat 0.99999 the EMA of a 360-epoch run at
+  # `steps.ema_decay`): with a flat 0.99999 the EMA of a 360-epoch run at
   # batch 4096 (112,320 steps) would still hold 0.99999**112320 = 32% of the
   # random initial weights.
   c.ema = ml_collections.ConfigDict(dict(decay=0.99999, warmup=True))
   c.precision = "bfloat16"
+  # The fast paths of `nfnets.ops` (polyphase conv gradient, closed-form WS
+  # gradient, recomputed activations, grouped norms, gradient layout); False
+  # traces the steps with their plain twins: the same values, for timing
+  # and checking them.
+  c.fast_paths = True
   c.checkpoint = ml_collections.ConfigDict(dict(
       every_steps=1000, max_to_keep=3, async_save=True))
   c.log_every_steps = 100
@@ -150,8 +156,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   ds = config.dataset
   if ds.name not in DATASETS:
     # Imports TensorFlow, which a TFDS dataset needs anyway.
-    from nfnets.data import tfds_source  # pylint: disable=g-import-not-at-top
-    tfds_source.check_name(ds.name)
+    tfds_builders.check_name(ds.name)
   if ds.name == "digits":
     need(not (ds.randaugment_layers or ds.mixup_alpha or ds.cutmix_alpha),
          "RandAugment, MixUp and CutMix need an image dataset (image_folder "

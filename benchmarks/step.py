@@ -1,25 +1,21 @@
 """The step the benchmark scripts measure: the trainer's, on synthetic data.
 
-`scripts/benchmark.py` times it on a device; `scripts/kernel_census.py`
+`benchmarks/benchmark.py` times it on a device; `benchmarks/kernel_census.py`
 counts the kernels XLA compiles it into. Both build it here from the model
 family's experiment config, so they measure the same thing.
 """
 
-import os
-import sys
 from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from configs import nf_resnet as nf_resnet_config  # pylint: disable=g-import-not-at-top,wrong-import-position
-from configs import nfnet as nfnet_config  # pylint: disable=g-import-not-at-top,wrong-import-position
-from configs import resnet as resnet_config  # pylint: disable=g-import-not-at-top,wrong-import-position
-from nfnets import experiment  # pylint: disable=g-import-not-at-top,wrong-import-position
-from nfnets import models  # pylint: disable=g-import-not-at-top,wrong-import-position
-from nfnets import optim  # pylint: disable=g-import-not-at-top,wrong-import-position
-from nfnets import train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import nf_resnet as nf_resnet_config
+from configs import nfnet as nfnet_config
+from configs import resnet as resnet_config
+from nfnets import models
+from nfnets.training import experiment_config
+from nfnets.training import optim
+from nfnets.training import steps
 
 
 def config_for(model_name: str):
@@ -38,9 +34,9 @@ def config_for(model_name: str):
   return config
 
 
-def experiment_config(model_name: str, batch_size: int, image_size: int,
-                      precision: str = "bfloat16", smoke: bool = False,
-                      remat: bool = False):
+def benchmark_config(model_name: str, batch_size: int, image_size: int,
+                     precision: str = "bfloat16", smoke: bool = False,
+                     remat: bool = False):
   """The config whose step is timed: the family's recipe on synthetic data.
 
   Returns:
@@ -53,7 +49,7 @@ def experiment_config(model_name: str, batch_size: int, image_size: int,
   config = config_for(model_name)
   config.batch_size = config.eval_batch_size = batch_size
   # Synthetic data stands in for the dataset (host-side augmentation is
-  # scripts/bench_input.py's); `synthetic_batch` makes MixUp/CutMix-style
+  # benchmarks/bench_input.py's); `synthetic_batch` makes MixUp/CutMix-style
   # soft labels when the recipe mixes.
   soft_labels = bool(config.dataset.mixup_alpha or
                      config.dataset.cutmix_alpha)
@@ -63,10 +59,10 @@ def experiment_config(model_name: str, batch_size: int, image_size: int,
                              cutmix_alpha=0.0))
   config.precision = precision
   if smoke:
-    experiment.shrink_model(config)
+    experiment_config.shrink_model(config)
   if remat:
     config.model.kwargs = dict(config.model.kwargs, remat=True)
-  experiment.validate(config)
+  experiment_config.validate(config)
   return config, soft_labels
 
 
@@ -78,11 +74,11 @@ def make_step(config, mode: str, mesh):
   schedule = optim.learning_rate_schedule(config, 10_000, 100)
   optimizer = optim.make_optimizer(config, schedule)
   size = config.dataset.image_size
-  init = train.make_init(model, optimizer, (size, size, 3), mesh)
+  init = steps.make_init(model, optimizer, (size, size, 3), mesh)
   if mode == "train":
-    return train.make_train_step(model, optimizer, schedule, config,
+    return steps.make_train_step(model, optimizer, schedule, config,
                                  mesh), init
-  return train.make_eval_step(model, config, mesh), init
+  return steps.make_eval_step(model, config, mesh), init
 
 
 def batch_shapes(config, mode: str,

@@ -6,7 +6,9 @@ axis. `jax.shard_map` maps them over a mesh of every device of every process
 with `check_vma=False` (pmap semantics: local gradients, then `pmean`); with
 the default `check_vma=True` the gradient of a replicated input would already
 be summed over devices and the `pmean` would scale the update by the device
-count. The loop that drives them is `nfnets.trainer.train_and_evaluate`.
+count. Both are traced with the fast paths of `nfnets.ops` on or off as
+`config.fast_paths` says. The loop that drives them is
+`nfnets.training.loop.train_and_evaluate`.
 """
 
 import functools
@@ -22,10 +24,12 @@ import jmp
 import ml_collections
 import optax
 
-from nfnets import agc
-from nfnets import optim
-from nfnets import parallel
 from nfnets import sam
+from nfnets.ops import layout
+from nfnets.ops import norms
+from nfnets.ops import switch
+from nfnets.training import optim
+from nfnets.training import parallel
 
 
 class TrainState(NamedTuple):
@@ -95,21 +99,16 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
   return optax.softmax_cross_entropy(logits.astype(jnp.float32), labels)
 
 
-def _in_default_layout(tree: Any) -> Any:
-  """The leaves of `tree`, materialized in their default (row-major) layout.
+def _traced_with_fast_paths(per_device_step: Callable[..., Any],
+                            enabled: bool) -> Callable[..., Any]:
+  """`per_device_step` traced with the fast paths on or off (`nfnets.ops`)."""
 
-  XLA keeps a conv kernel's gradient in the layout cuDNN writes it in (OHWI,
-  not the parameters' HWIO) and fuses the transpose into the weight update,
-  which then cannot run in place: it writes new buffers and copies them into
-  the donated state: 74 more kernels and 0.5 GB per F0 step on a GPU
-  (scripts/kernel_census.py). Flat views behind an optimization barrier are
-  row-major by definition, so the update reads gradients laid out like the
-  parameters. The values are untouched (a reshape is exact).
-  """
-  leaves, treedef = jax.tree.flatten(tree)
-  flat = lax.optimization_barrier([jnp.ravel(x) for x in leaves])
-  return jax.tree.unflatten(
-      treedef, [f.reshape(jnp.shape(x)) for f, x in zip(flat, leaves)])
+  @functools.wraps(per_device_step)
+  def traced(*args):
+    with switch.fast_paths(enabled):
+      return per_device_step(*args)
+
+  return traced
 
 
 def make_train_step(model: hk.TransformedWithState,
@@ -153,7 +152,7 @@ def make_train_step(model: hk.TransformedWithState,
         loss_fn, state.params, config.optimizer.sam_rho,
         axis_name=parallel.AXIS, sync_ascent=config.optimizer.sam_sync,
         has_aux=True)
-    grads = _in_default_layout(lax.pmean(grads, parallel.AXIS))
+    grads = layout.in_default_layout(lax.pmean(grads, parallel.AXIS))
     loss = lax.pmean(loss, parallel.AXIS)
     # (pmean gives float32 for integers, e.g. batch norm's EMA counter: cast
     # back, or the state's types would change after the first step.)
@@ -172,7 +171,7 @@ def make_train_step(model: hk.TransformedWithState,
     decay = ema_decay(config, state.step)
     ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
                               state.ema_params, params)
-    grad_norm = agc.global_norm(grads)
+    grad_norm = norms.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     ok = finite & (state.nonfinite_step < 0)
     new_state = TrainState(
@@ -193,9 +192,10 @@ def make_train_step(model: hk.TransformedWithState,
     }
     return new_state, metrics
 
-  mapped = jax.shard_map(per_device_step, mesh=mesh,
-                         in_specs=(P(), P(parallel.AXIS)),
-                         out_specs=(P(), P()), check_vma=False)
+  mapped = jax.shard_map(
+      _traced_with_fast_paths(per_device_step, config.fast_paths), mesh=mesh,
+      in_specs=(P(), P(parallel.AXIS)), out_specs=(P(), P()),
+      check_vma=False)
   return jax.jit(mapped, donate_argnums=0)
 
 
@@ -230,7 +230,7 @@ def make_eval_step(model: hk.TransformedWithState,
     return jax.tree.map(functools.partial(lax.psum, axis_name=parallel.AXIS),
                         sums)
 
-  mapped = jax.shard_map(per_device_step, mesh=mesh,
-                         in_specs=(P(), P(parallel.AXIS)), out_specs=P(),
-                         check_vma=False)
+  mapped = jax.shard_map(
+      _traced_with_fast_paths(per_device_step, config.fast_paths), mesh=mesh,
+      in_specs=(P(), P(parallel.AXIS)), out_specs=P(), check_vma=False)
   return jax.jit(mapped)

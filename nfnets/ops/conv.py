@@ -14,10 +14,11 @@ of the `stride**2` phases of the input (pixels at `(s*u + r, s*v + q)`) gets
 its gradient from a stride-1 convolution of the output gradient with the
 taps of the kernel that reach it (2x2, 2x1, 1x2 and 1x1 taps for a 3x3
 kernel at stride 2), and the phases are interleaved. The multiply-adds are
-those of the forward convolution, with no zeros. Other convolutions use
-XLA's own gradients. The polyphase gradient is a custom VJP, so strided
-grouped convolutions are differentiable in reverse mode only (as is the
-weight standardization of `nfnets.layers`).
+those of the forward convolution, with no zeros. Other convolutions, and
+all of them with the fast paths off (`nfnets.ops.switch`), use XLA's own
+gradients (`xla_conv2d`, the plain twin). The polyphase gradient is a
+custom VJP, so with the fast paths on, strided grouped convolutions are
+differentiable in reverse mode only (as are the other fast paths).
 """
 
 import functools
@@ -26,6 +27,8 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+
+from nfnets.ops import switch
 
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
@@ -44,14 +47,14 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: Sequence[int],
     [N, ceil(H / sh), ceil(W / sw), C_out].
   """
   stride = tuple(stride)
-  if groups > 1 and max(stride) > 1:
+  if groups > 1 and max(stride) > 1 and switch.fast_paths_enabled():
     return _polyphase_conv(x, kernel, stride, groups)
   return _conv(x, kernel, stride, groups)
 
 
 def xla_conv2d(x: jax.Array, kernel: jax.Array, stride: Sequence[int],
                groups: int) -> jax.Array:
-  """The same convolution with XLA's gradients (`scripts/bench_conv.py`)."""
+  """The same convolution with XLA's gradients: `conv2d`'s plain twin."""
   return _conv(x, kernel, tuple(stride), groups)
 
 

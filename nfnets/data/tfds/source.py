@@ -10,7 +10,7 @@ resumption.
 
 Datasets that are not prepared yet, or prepared in TFDS's default
 `tfrecord` format (which cannot be read by index), are handled by
-`nfnets.data.tfds_prepare` (`prepare`, `convert`); `open_split` prepares a
+`nfnets.data.tfds.prepare` (`prepare`, `convert`); `open_split` prepares a
 manual-download dataset first when given its `manual_dir`.
 
 TensorFlow Datasets and TensorFlow are imported inside functions, so that
@@ -19,179 +19,20 @@ the trainer only loads them when a TFDS dataset is used.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
-import re
 import resource
-import sys
 from typing import Any
 
 import numpy as np
 
-ARRAY_RECORD = "array_record"
-# The tars TFDS's ImageNet builders read from manual_dir (a test tar is
-# optional: the builder then skips the test split).
-IMAGENET_TARS = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
-_MANUAL_FILES = {
-    "imagenet2012": IMAGENET_TARS,
-    "imagenet2012_subset": IMAGENET_TARS,
-    "imagenet2012_real": ("ILSVRC2012_img_val.tar",),
-}
-# Files named by a builder's MANUAL_DOWNLOAD_INSTRUCTIONS, for other builders.
-_ARCHIVE_NAME = re.compile(r"[\w.-]+\.(?:tar\.gz|tgz|tar|zip)\b")
-
-
-def _tfds() -> Any:
-  """Imports and returns `tensorflow_datasets`.
-
-  tensorflow-datasets 4.9 uses `importlib_resources` to locate a builder's
-  code (e.g. imagenet2012's label files) but only declares it for Python <
-  3.9; where it is missing, the standard library's `importlib.resources`
-  (which has the same `abc.Traversable`) stands in for it.
-  """
-  try:
-    importlib.import_module("importlib_resources")
-  except ImportError:
-    try:
-      importlib.import_module("importlib.resources.abc")  # Python >= 3.11.
-    except ImportError:  # Then TFDS's own error will say what is missing.
-      pass
-    else:
-      sys.modules.setdefault("importlib_resources",
-                             sys.modules["importlib.resources"])
-  try:
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ValueError(f"TFDS datasets need tensorflow-datasets ({e}): pip "
-                     "install -e '.[imagenet]'") from None
-  return tfds
-
-
-def _base_name(name: str) -> str:
-  """'imagenet2012_subset/1pct:5.0.0' -> 'imagenet2012_subset'."""
-  return name.split("/")[0].split(":")[0]
-
-
-def _builder_cls(name: str) -> Any:
-  """The registered TFDS builder class of `name`, or None."""
-  tfds = _tfds()
-  try:
-    return tfds.builder_cls(_base_name(name))
-  except tfds.core.DatasetNotFoundError:
-    return None
-
-
-def check_name(name: str) -> None:
-  """Raises ValueError unless `name` is a TFDS builder name.
-
-  Args:
-    name: a TFDS dataset name, optionally with '/config' and ':version'.
-
-  Raises:
-    ValueError: if no TFDS builder has that name.
-  """
-  if _builder_cls(name) is None:
-    tfds = _tfds()
-    raise ValueError(
-        f"unknown dataset {name!r}: not 'digits', 'image_folder' nor a "
-        f"tensorflow_datasets {tfds.__version__} builder name (see "
-        "tfds.list_builders())")
-
-
-def _manual_files(name: str, builder_cls: Any) -> tuple[str, ...]:
-  """The files a manual-download builder needs in manual_dir, if known."""
-  base = _base_name(name)
-  if base in _MANUAL_FILES:
-    return _MANUAL_FILES[base]
-  instructions = getattr(builder_cls, "MANUAL_DOWNLOAD_INSTRUCTIONS", "") or ""
-  return tuple(dict.fromkeys(_ARCHIVE_NAME.findall(instructions)))
-
-
-def _how_to_prepare(name: str, data_dir: str, builder_cls: Any) -> str:
-  """One sentence saying how to prepare `name` in `data_dir`."""
-  if getattr(builder_cls, "MANUAL_DOWNLOAD_INSTRUCTIONS", None):
-    files = _manual_files(name, builder_cls)
-    holding = (" holding " + " and ".join(files)) if files else (
-        " holding the files its MANUAL_DOWNLOAD_INSTRUCTIONS name")
-    return (f"prepare it with nfnets.data.tfds_prepare.prepare({name!r}, "
-            f"data_dir={data_dir!r}, manual_dir=DIR), DIR{holding} (or set "
-            "dataset.manual_dir to DIR)")
-  return (f"prepare it where the internet is reachable with tfds.builder("
-          f"{name!r}, data_dir={data_dir!r}, file_format='array_record')"
-          ".download_and_prepare() and copy it here")
-
-
-def _make_builder(name: str, data_dir: str) -> Any:
-  """`tfds.builder(name, data_dir=...)`, bad configs or versions in one line.
-
-  Raises:
-    tfds.core.DatasetNotFoundError: if neither code nor files define `name`.
-    ValueError: if the builder cannot be made (e.g. an unknown config).
-  """
-  tfds = _tfds()
-  try:
-    return tfds.builder(name, data_dir=data_dir)
-  except tfds.core.DatasetNotFoundError:
-    raise
-  except (AssertionError, ValueError) as e:  # Bad config or version.
-    first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    raise ValueError(f"cannot open TFDS {name!r} in data_dir {data_dir!r}: "
-                     f"{type(e).__name__}: {first_line}") from None
-
-
-def _open_builder(name: str, data_dir: str) -> Any:
-  """The builder of `name` prepared in `data_dir`; ValueError otherwise."""
-  tfds = _tfds()
-  builder_cls = _builder_cls(name)
-  if not data_dir:
-    where = "data_dir is empty"
-  elif not os.path.isdir(data_dir):
-    where = f"data_dir {data_dir!r} does not exist"
-  elif not os.listdir(data_dir):
-    where = f"data_dir {data_dir!r} is empty"
-  else:
-    where = ""
-  unknown = (f"unknown dataset {name!r}: not a tensorflow_datasets "
-             f"{tfds.__version__} builder name (see tfds.list_builders()) and "
-             f"not prepared in data_dir {data_dir!r}")
-  if builder_cls is None and where:
-    raise ValueError(unknown)
-  if where:
-    how = _how_to_prepare(name, data_dir or "DATA_DIR", builder_cls)
-    raise ValueError(f"TFDS {name} is not prepared: {where}; {how}")
-  try:
-    builder = _make_builder(name, data_dir)
-  except tfds.core.DatasetNotFoundError:
-    raise ValueError(unknown) from None
-  if not builder.is_prepared():
-    raise ValueError(
-        f"TFDS {name} is not prepared in data_dir {data_dir!r} (no "
-        f"{os.fspath(builder.data_path)}/dataset_info.json); "
-        f"{_how_to_prepare(name, data_dir, builder_cls)}")
-  return builder
-
-
-def _has_array_record(builder: Any) -> bool:
-  formats = builder.info.available_file_formats()
-  return ARRAY_RECORD in {f.value for f in formats}
-
-
-def _conversion_error(name: str, data_dir: str, builder: Any) -> ValueError:
-  formats = sorted(f.value for f in builder.info.available_file_formats())
-  return ValueError(
-      f"TFDS {name} in {os.fspath(builder.data_path)} is stored as "
-      f"{', '.join(formats) or 'an unknown format'}, which cannot be read by "
-      "index; add array_record shards in place with python -c \"from "
-      f"nfnets.data import tfds_prepare; tfds_prepare.convert({name!r}, "
-      f"data_dir={data_dir!r})\" (or tfds convert_format "
-      f"--dataset_version_dir={os.fspath(builder.data_path)} "
-      "--out_file_format=array_record, which needs apache-beam installed)")
+from nfnets.data.tfds import builders
+from nfnets.data.tfds import prepare
 
 
 def _find_features(info: Any) -> tuple[str, str]:
   """(image key, label key) of a dataset's top-level features."""
-  tfds = _tfds()
+  tfds = builders.tfds_module()
   features = info.features
   keys = info.supervised_keys
   if (isinstance(keys, (tuple, list)) and len(keys) >= 2
@@ -256,7 +97,7 @@ class TFDSSource:
     self.image_key, self.label_key = _find_features(info)
     self._label_feature = info.features[self.label_key]
     self._data_source = builder.as_data_source(split,
-                                               file_format=ARRAY_RECORD)
+                                               file_format=builders.ARRAY_RECORD)
     _raise_open_file_limit()
     self._num_examples = len(self._data_source)
 
@@ -337,9 +178,9 @@ def load(name: str, split: str, *, data_dir: str) -> TFDSSource:
       in `data_dir`, is not stored as array_record (the message says how to
       convert it), has no such split, or is not image classification.
   """
-  builder = _open_builder(name, data_dir)
-  if not _has_array_record(builder):
-    raise _conversion_error(name, data_dir, builder)
+  builder = builders.open_builder(name, data_dir)
+  if not builders.has_array_record(builder):
+    raise builders.conversion_error(name, data_dir, builder)
   available = ", ".join(sorted(builder.info.splits.keys()))
   try:
     builder.info.splits[split]  # pylint: disable=pointless-statement
@@ -360,7 +201,8 @@ def open_split(name: str, split: str, *, data_dir: str, manual_dir: str = "",
       'test'.
     data_dir: the TFDS data_dir.
     manual_dir: where the manual-download files are, to prepare the
-      dataset (`tfds_prepare.prepare`) when it is not prepared in `data_dir` yet ('' never prepares).
+      dataset (`prepare.prepare`) when it is not prepared in `data_dir`
+      yet ('' never prepares).
     may_prepare: whether this process may prepare it (False in multi-process
       runs, where one process must prepare it beforehand).
 
@@ -371,13 +213,12 @@ def open_split(name: str, split: str, *, data_dir: str, manual_dir: str = "",
     ValueError: as `load` and `prepare` do.
   """
   if manual_dir and may_prepare:
-    builder_cls = _builder_cls(name)
+    builder_cls = builders.find_builder_cls(name)
     if getattr(builder_cls, "MANUAL_DOWNLOAD_INSTRUCTIONS", None):
-      from nfnets.data import tfds_prepare  # pylint: disable=g-import-not-at-top
-      tfds_prepare.prepare(name, data_dir=data_dir, manual_dir=manual_dir)
+      prepare.prepare(name, data_dir=data_dir, manual_dir=manual_dir)
   try:
     if not split:
-      builder = _open_builder(name, data_dir)
+      builder = builders.open_builder(name, data_dir)
       splits = builder.info.splits.keys()
       split = "validation" if "validation" in splits else "test"
     return load(name, split, data_dir=data_dir)

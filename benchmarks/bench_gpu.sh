@@ -6,7 +6,7 @@
 # Runs are ordered by importance, so a run cut short by the time limit still
 # has the headline figures.
 #
-#   bash scripts/bench_gpu.sh            # on the GPU machine, from the repo root
+#   bash benchmarks/bench_gpu.sh            # on the GPU machine, from the repo root
 #
 # Before/after: if .baseline/ holds an export of an earlier commit
 #   (mkdir .baseline && git archive COMMIT | tar -x -C .baseline)
@@ -27,22 +27,22 @@ export XLA_FLAGS="$base_flags"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import jax, optax, haiku; print('jax', jax.__version__, 'optax', optax.__version__, 'haiku', haiku.__version__, jax.devices())"
 log=${OUT:-/tmp}/bench.jsonl
-bench() { python3 scripts/benchmark.py --json "$@" 2>/tmp/err.txt | tee -a "$log" || tail -3 /tmp/err.txt; }
+bench() { python3 benchmarks/benchmark.py --json "$@" 2>/tmp/err.txt | tee -a "$log" || tail -3 /tmp/err.txt; }
 f0="--model=nfnet_f0 --image_size=192"
 # The headline run also records a 3-step profile after its timing; its
 # summary per kernel says where the F0 step's time goes.
 trace_dir=${OUT:-/tmp}/trace
 bench $f0 --batch_size=256 --steps=30 --trace_dir="$trace_dir"
 trace=$(find "$trace_dir" -name "*trace.json.gz" 2>/dev/null | head -1)
-[ -n "$trace" ] && python3 scripts/kernel_times.py "$trace" --top=40
+[ -n "$trace" ] && python3 benchmarks/kernel_times.py "$trace" --top=40
 if [ -d .baseline/nfnets ]; then
-  cp scripts/benchmark.py scripts/bench_step.py .baseline/scripts/
+  cp benchmarks/benchmark.py benchmarks/step.py .baseline/scripts/
   echo "baseline:"
   (cd .baseline && bench $f0 --batch_size=256 --steps=30)
 fi
 # The strided grouped convolutions' input gradient: polyphase (the models')
 # against XLA's zero-interleaved one, forward + backward, F0 at batch 256.
-python3 scripts/bench_conv.py --batch_size=256 --image_size=192 --json \
+python3 benchmarks/bench_conv.py --batch_size=256 --image_size=192 --json \
   2>/tmp/err.txt | tee -a "$log" || tail -3 /tmp/err.txt
 bench --model=nfnet_f0 --batch_size=256 --image_size=256 --steps=20 --mode=eval
 # Diagnostic: the same step without CUDA graphs (XLA's command buffers, which

@@ -1,6 +1,6 @@
 """Measures the input pipeline's images/s on CPU, per core and in total.
 
-  python scripts/bench_input.py [--cores=1,2] [--sizes=192,256] [--json]
+  python benchmarks/bench_input.py [--cores=1,2] [--sizes=192,256] [--json]
       [--data_dir=FOLDER]
 
 Times the trainer's own pipelines (`nfnets.data.pipeline`) on JPEGs of about

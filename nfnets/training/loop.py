@@ -22,15 +22,15 @@ import ml_collections
 import numpy as np
 
 from nfnets import agc
-from nfnets import checkpoint
 from nfnets import data
-from nfnets import experiment
 from nfnets import models
-from nfnets import optim
-from nfnets import parallel
 from nfnets import released_weights
-from nfnets import train
-from nfnets.metric_writer import MetricWriter
+from nfnets.training import checkpoint
+from nfnets.training import experiment_config
+from nfnets.training import optim
+from nfnets.training import parallel
+from nfnets.training import steps
+from nfnets.training.metrics import MetricWriter
 
 
 class NonFiniteLossError(ValueError):
@@ -49,8 +49,8 @@ def prepare_workdir(workdir: str) -> str:
   return workdir
 
 
-def _load_init_from(path: str, abstract: train.TrainState,
-                    fresh: train.TrainState) -> tuple[Any, Any, Any]:
+def _load_init_from(path: str, abstract: steps.TrainState,
+                    fresh: steps.TrainState) -> tuple[Any, Any, Any]:
   """Weights from another run or a released file, checked against the model.
 
   A classifier of another width (fine-tuning to new classes) keeps its fresh
@@ -127,7 +127,7 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def evaluate(state: train.TrainState, eval_step, config, mesh) -> dict:
+def evaluate(state: steps.TrainState, eval_step, config, mesh) -> dict:
   """Top-1, top-5 and loss of the raw and EMA weights on the eval split."""
   start = time.time()
   totals = None
@@ -155,7 +155,7 @@ def _log_eval(step: int, results: dict, writer: MetricWriter) -> None:
 
 
 def _restore_or_init(config, ckpt, abstract, init_fn, train_iter, optimizer,
-                     mesh, mode, workdir) -> train.TrainState:
+                     mesh, mode, workdir) -> steps.TrainState:
   """The workdir's newest checkpoint, else `init_from`, else a fresh init."""
   restored = ckpt.restore_latest(abstract)
   if restored is not None:
@@ -185,7 +185,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """Trains and/or evaluates as configured; returns the final metrics.
 
   Args:
-    config: an experiment config (see `nfnets.experiment.base_config`).
+    config: an experiment config (see `nfnets.experiment_config.base_config`).
     workdir: where checkpoints, metrics.jsonl and TensorBoard files go.
     mode: 'train', 'eval' (the workdir's latest checkpoint, or
       `config.init_from`) or 'train_eval' (train with periodic evaluation).
@@ -193,10 +193,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   Returns:
     The last logged training metrics and the final evaluation results.
   """
-  if mode not in experiment.MODES:
+  if mode not in experiment_config.MODES:
     raise ValueError(f"unknown mode {mode!r}; valid: "
-                     f"{', '.join(experiment.MODES)}")
-  experiment.validate(config)
+                     f"{', '.join(experiment_config.MODES)}")
+  experiment_config.validate(config)
   parallel.initialize_distributed(config.distributed)
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.batch_size, mesh, "batch_size")
@@ -218,7 +218,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   optimizer = optim.make_optimizer(config, schedule)
   image_shape = (config.dataset.image_size, config.dataset.image_size, 3)
   replicated = parallel.replicated_sharding(mesh)
-  init_fn = train.make_init(model, optimizer, image_shape, mesh)
+  init_fn = steps.make_init(model, optimizer, image_shape, mesh)
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
       jax.eval_shape(init_fn, jax.random.PRNGKey(config.seed)))
@@ -231,13 +231,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     state = _restore_or_init(config, ckpt, abstract, init_fn, train_iter,
                              optimizer, mesh, mode, workdir)
     writer = MetricWriter(workdir)
-    eval_step = train.make_eval_step(model, config, mesh)
+    eval_step = steps.make_eval_step(model, config, mesh)
     if mode == "eval":
       results = evaluate(state, eval_step, config, mesh)
       _log_eval(int(state.step), results, writer)
       return results
     state, results = _train_loop(config, state, train_iter, total_steps,
-                                 train.make_train_step(model, optimizer,
+                                 steps.make_train_step(model, optimizer,
                                                        schedule, config, mesh),
                                  ckpt, writer, mesh, eval_step, mode)
     if "preempted" not in results:
