@@ -15,7 +15,9 @@ def find_eqns(fn, name: str, *args) -> list:
         found.append(eqn)
       for sub in jax.extend.core.jaxprs_in_params(eqn.params):
         walk(sub)
-  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  # A new function object each time: JAX caches traces by function, and a
+  # cached trace would not see a change of `nfnets.ops.fast_paths`.
+  walk(jax.make_jaxpr(lambda *a: fn(*a))(*args).jaxpr)
   return found
 
 

@@ -295,7 +295,7 @@ def test_fine_tune_from_released_f0_on_a_10_class_image_folder(
   # checkpoint can be compared with the file; the steps still run.
   config.optimizer.update(dict(base_lr=0.0, weight_decay=0.0))
   results = loop.train_and_evaluate(config, str(tmp_path / "run"),
-                                       "train")
+                                    "train")
   assert np.isfinite(results["loss"]) and results["eval_examples"] == 10
   saved = checkpoint.read_params(str(tmp_path / "run"))["params"]
   head = saved.pop("NFNet/~/linear")

@@ -369,7 +369,7 @@ def test_nfnet_config_trains_and_evaluates_on_fake_imagenet(imagenet,
                      precision="float32", log_every_steps=1))
   config.checkpoint.async_save = False
   results = loop.train_and_evaluate(config, str(tmp_path / "run"),
-                                       "train_eval")
+                                    "train_eval")
   assert results["eval_examples"] == written["num_examples"]["validation"]
   assert np.isfinite(results["loss"]) and np.isfinite(results["eval_loss"])
   assert os.path.isdir(tmp_path / "tfds" / NAME)

@@ -99,6 +99,32 @@ def test_one_and_eight_devices_give_the_same_step(sam_rho):
   assert max(moved) > 1e-3
 
 
+def test_fast_paths_on_and_off_give_the_same_step():
+  # config.fast_paths=False traces the step with the plain twins of
+  # nfnets.ops (XLA's conv gradient, autodiff of WS and the activations,
+  # per-leaf AGC, no layout barrier): the same state to float tolerance, on
+  # 1 and 8 devices. The tiny NFNet has strided grouped convs (stages 2-4).
+  states = {}
+  for fast_paths in (True, False):
+    config = tiny_config(fast_paths=fast_paths)
+    for devices in (jax.devices()[:1], jax.devices()):
+      mesh = Mesh(np.asarray(devices), (parallel.AXIS,))
+      state, step = _setup(config, mesh)
+      state, _ = step(state, parallel.shard_batch(_batch(), mesh))
+      states[fast_paths, len(devices)] = jax.device_get(state)
+  reference = states[True, 1]
+  for key, state in states.items():
+    for part in ("params", "opt_state", "ema_params"):
+      for a, b in zip(jax.tree.leaves(getattr(reference, part)),
+                      jax.tree.leaves(getattr(state, part))):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6,
+                                   err_msg=f"{part}, {key}")
+  fresh, _ = _setup(tiny_config(), Mesh(np.asarray(jax.devices()[:1]),
+                                        ("data",)))
+  assert max(np.abs(a - b).max() for a, b in zip(
+      jax.tree.leaves(fresh.params), jax.tree.leaves(reference.params))) > 1e-3
+
+
 def test_masks_and_ema_act_on_the_right_leaves_of_nfnet_f0():
   model = models.build_model("nfnet_f0")
   params, _ = jax.eval_shape(
@@ -219,7 +245,7 @@ def test_a_changed_config_is_an_error_not_a_fresh_start(tmp_path):
     with pytest.raises(ValueError, match=r"checkpoint at step 6 .* holds "
                        r"another model or optimizer .*opt_state"):
       loop.train_and_evaluate(tiny_config(**{"optimizer.name": "adamw"}),
-                                 str(tmp_path), mode)
+                              str(tmp_path), mode)
   with pytest.raises(ValueError, match=r"final_conv/bias has shape \[384\] "
                      r"in the checkpoint, \[768\] here"):
     loop.train_and_evaluate(
@@ -270,7 +296,7 @@ def test_init_from_wrong_model_names_the_module(tmp_path):
   same = tiny_config(init_from=str(tmp_path / "a"), num_steps=3)
   results = loop.train_and_evaluate(same, str(tmp_path / "c"), "eval")
   first = loop.train_and_evaluate(tiny_config(), str(tmp_path / "a"),
-                                     "eval")
+                                  "eval")
   assert results["eval_top1"] == first["eval_top1"]
 
 
@@ -336,7 +362,7 @@ def test_a_run_stopped_by_a_nan_batch_resumes_and_finishes(tmp_path,
   assert int(restored.step) == 4 and int(restored.nonfinite_step) == -1
   monkeypatch.setattr(loop.data, "train_iterator", make_iterator)
   results = loop.train_and_evaluate(tiny_config(num_steps=9),
-                                       str(tmp_path))
+                                    str(tmp_path))
   assert "eval_top1" in results and np.isfinite(results["loss"])
   assert int(_restore_latest(tiny_config(), tmp_path)[0].step) == 9
 

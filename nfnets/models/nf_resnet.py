@@ -115,9 +115,9 @@ class NFResNet(hk.Module):
     common.check_image(images, TOTAL_STRIDE)
     out = hk.max_pool(self.stem(images), (1, 3, 3, 1), (1, 2, 2, 1), "SAME")
     out, metrics = common.apply_blocks(self.blocks, self.block_stages, out,
-                                      is_training, self.remat)
+                                       is_training, self.remat)
     logits = common.classify(self.activation(out), self.classifier,
-                            self.dropout_rate, is_training)
+                             self.dropout_rate, is_training)
     if not return_metrics:
       return logits
     return logits, metrics

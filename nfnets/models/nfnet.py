@@ -218,9 +218,10 @@ class NFNet(hk.Module):
       if i < len(self.stem) - 1:
         out = self.activation(out)
     out, metrics = common.apply_blocks(self.blocks, self.block_stages, out,
-                                is_training, self.remat)
+                                       is_training, self.remat)
     out = self.activation(self.final_conv(out))
-    logits = common.classify(out, self.classifier, self.dropout_rate, is_training)
+    logits = common.classify(out, self.classifier, self.dropout_rate,
+                             is_training)
     if not return_metrics:
       return logits
     return logits, metrics

@@ -92,10 +92,10 @@ class ResNet(hk.Module):
     common.check_image(images, nf_resnet.TOTAL_STRIDE)
     out = hk.max_pool(self.stem(images), (1, 3, 3, 1), (1, 2, 2, 1), "SAME")
     out, metrics = common.apply_blocks(self.blocks, self.block_stages, out,
-                                         is_training)
+                                       is_training)
     out = jax.nn.relu(self.final_bn(out, is_training))
     logits = common.classify(out, self.classifier, self.dropout_rate,
-                            is_training)
+                             is_training)
     if not return_metrics:
       return logits
     return logits, metrics

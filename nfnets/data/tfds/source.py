@@ -96,8 +96,8 @@ class TFDSSource:
     info = builder.info
     self.image_key, self.label_key = _find_features(info)
     self._label_feature = info.features[self.label_key]
-    self._data_source = builder.as_data_source(split,
-                                               file_format=builders.ARRAY_RECORD)
+    self._data_source = builder.as_data_source(
+        split, file_format=builders.ARRAY_RECORD)
     _raise_open_file_limit()
     self._num_examples = len(self._data_source)
 
