@@ -8,10 +8,9 @@
 #
 #   bash benchmarks/bench_gpu.sh            # on the GPU machine, from the repo root
 #
-# Before/after: if .baseline/ holds an export of an earlier commit
-#   (mkdir .baseline && git archive COMMIT | tar -x -C .baseline)
-# its F0 step is timed too, with this tree's timing loop (the script is copied
-# in), so the difference is the code's.
+# Fast paths against their plain twins (nfnets/ops): the headline step is
+# timed three times each way, alternating, so the difference can be read
+# against the run-to-run noise.
 set -u
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
@@ -35,11 +34,10 @@ trace_dir=${OUT:-/tmp}/trace
 bench $f0 --batch_size=256 --steps=30 --trace_dir="$trace_dir"
 trace=$(find "$trace_dir" -name "*trace.json.gz" 2>/dev/null | head -1)
 [ -n "$trace" ] && python3 benchmarks/kernel_times.py "$trace" --top=40
-if [ -d .baseline/nfnets ]; then
-  cp benchmarks/benchmark.py benchmarks/step.py .baseline/scripts/
-  echo "baseline:"
-  (cd .baseline && bench $f0 --batch_size=256 --steps=30)
-fi
+for repeat in 1 2 3; do
+  bench $f0 --batch_size=256 --steps=30 --plain
+  [ $repeat -lt 3 ] && bench $f0 --batch_size=256 --steps=30
+done
 # The strided grouped convolutions' input gradient: polyphase (the models')
 # against XLA's zero-interleaved one, forward + backward, F0 at batch 256.
 python3 benchmarks/bench_conv.py --batch_size=256 --image_size=192 --json \

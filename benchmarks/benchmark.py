@@ -3,7 +3,8 @@
   python benchmarks/benchmark.py --model=nfnet_f0 --batch_size=256 \
       --image_size=192 --steps=50 [--mode=train|eval] [--json]
 
-The step is the one `experiments/train.py` runs (`nfnets.training.steps`), built from
+The step is the one `experiments/train.py` runs (`nfnets.training.steps`),
+built from
 the model family's config (the NFNet recipe: bfloat16 compute, float32 master
 weights, AGC, SGD + Nesterov, weight decay, EMA, stochastic depth, label
 smoothing on MixUp/CutMix soft labels) by `benchmarks/step.py`. Steps are
@@ -14,7 +15,9 @@ FLOPs per MAC, x3 for a training step), and peak device memory. `--smoke`
 shrinks the model as the configs' `smoke=True` does
 (`experiment_config.shrink_model`), so that it runs on a CPU in seconds;
 `--trace_dir` also records a profile of 3 steps; `--remat` measures the
-rematerialising model (`model.kwargs.remat=True`).
+rematerialising model (`model.kwargs.remat=True`); `--plain` the step traced
+with the plain twins of the fast paths of `nfnets.ops`
+(`config.fast_paths=False`).
 """
 
 import json
@@ -47,6 +50,9 @@ _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny widths and depths.")
 _REMAT = flags.DEFINE_bool("remat", False, "Recompute block activations in "
                            "the backward pass (model.kwargs.remat; NFNets "
                            "and NF-ResNets): less memory, larger batches.")
+_PLAIN = flags.DEFINE_bool("plain", False, "Trace the step with the plain "
+                           "twins of the fast paths (nfnets.ops; "
+                           "config.fast_paths=False).")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
 _TRACE_DIR = flags.DEFINE_string(
     "trace_dir", None, "If set, also profile 3 steps with jax.profiler into "
@@ -89,7 +95,7 @@ def main(argv):
   try:
     config, soft_labels = bench.benchmark_config(
         _MODEL.value, _BATCH.value, _IMAGE.value, _PRECISION.value,
-        _SMOKE.value, _REMAT.value)
+        _SMOKE.value, _REMAT.value, fast_paths=not _PLAIN.value)
     mesh = parallel.make_mesh()
     parallel.check_batch_size(_BATCH.value, mesh, "batch_size")
   except ValueError as e:
@@ -140,6 +146,7 @@ def main(argv):
       "model": config.model.name, "mode": _MODE.value,
       "image_size": _IMAGE.value, "batch_size": _BATCH.value,
       "precision": _PRECISION.value, "remat": _REMAT.value,
+      "fast_paths": not _PLAIN.value,
       "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
       "compile_s": round(compile_s, 2), "step_ms": round(step_s * 1e3, 3),
       "images_per_sec": round(_BATCH.value / step_s, 1),

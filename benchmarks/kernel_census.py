@@ -46,6 +46,8 @@ _IMAGE = flags.DEFINE_integer("image_size", 192, "Square input resolution.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "Which step.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny widths and depths.")
 _REMAT = flags.DEFINE_bool("remat", False, "model.kwargs.remat=True.")
+_PLAIN = flags.DEFINE_bool("plain", False, "The plain twins of the fast "
+                           "paths (config.fast_paths=False).")
 _DUMP = flags.DEFINE_string("dump", None, "Also write the optimized HLO here.")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
 _LIST = flags.DEFINE_string(
@@ -224,7 +226,7 @@ def main(argv):
   try:
     config, soft_labels = bench_step.benchmark_config(
         _MODEL.value, _BATCH.value, _IMAGE.value, smoke=_SMOKE.value,
-        remat=_REMAT.value)
+        remat=_REMAT.value, fast_paths=not _PLAIN.value)
     if _TARGET.value == "local":
       mesh = parallel.make_mesh()
     else:
@@ -255,6 +257,7 @@ def main(argv):
   result = {"model": config.model.name, "mode": _MODE.value,
             "target": _TARGET.value, "batch_size": _BATCH.value,
             "image_size": _IMAGE.value, "remat": _REMAT.value,
+            "fast_paths": not _PLAIN.value,
             "compile_s": round(compile_s, 1), "jax": jax.__version__,
             # XLA's buffer assignment: arguments, outputs and temporaries at
             # the program's peak (the device's own use comes on top).

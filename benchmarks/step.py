@@ -30,13 +30,18 @@ def config_for(model_name: str):
     config = resnet_config.get_config()
   else:
     raise ValueError(f"no config family for {model_name!r}")
-  config.model.name = model_name
+  # The family's option values, less those the name fixes (`standardize` of
+  # a `_nows` model).
+  options = models.model_options(model_name)
+  config.model = experiment_config.model_config(
+      model_name, **{k: v for k, v in config.model.kwargs.items()
+                     if k in options})
   return config
 
 
 def benchmark_config(model_name: str, batch_size: int, image_size: int,
                      precision: str = "bfloat16", smoke: bool = False,
-                     remat: bool = False):
+                     remat: bool = False, fast_paths: bool = True):
   """The config whose step is timed: the family's recipe on synthetic data.
 
   Returns:
@@ -58,10 +63,11 @@ def benchmark_config(model_name: str, batch_size: int, image_size: int,
                              randaugment_layers=0, mixup_alpha=0.0,
                              cutmix_alpha=0.0))
   config.precision = precision
+  config.fast_paths = fast_paths
   if smoke:
     experiment_config.shrink_model(config)
   if remat:
-    config.model.kwargs = dict(config.model.kwargs, remat=True)
+    config.model.kwargs.remat = True
   experiment_config.validate(config)
   return config, soft_labels
 

@@ -14,7 +14,7 @@ from nfnets.training import experiment_config
 
 def _options(arg):
   return experiment_config.parse_arg(arg, depth=50, agc=False, smoke=False,
-                              sweep="agc_batch")
+                                     sweep="agc_batch")
 
 
 def get_sweep(arg=None):
@@ -36,8 +36,8 @@ def get_config(arg=None):
   """Returns the config; `arg` takes `depth=N`, `agc=bool`, `smoke=bool`."""
   options = _options(arg)
   c = experiment_config.base_config()
-  c.model.name = f"nf_resnet{options.depth}"
-  c.model.kwargs = dict(drop_path_rate=0.1, dropout_rate=0.25)
+  c.model = experiment_config.model_config(
+      f"nf_resnet{options.depth}", drop_path_rate=0.1, dropout_rate=0.25)
   c.dataset.update(dict(name="imagenet2012", image_size=224,
                         eval_image_size=224, num_classes=1000))
   c.batch_size = 1024

@@ -25,7 +25,7 @@ from nfnets.training import experiment_config
 
 def _options(arg):
   return experiment_config.parse_arg(arg, variant="F0", smoke=False,
-                              sweep="variants")
+                                     sweep="variants")
 
 
 def get_sweep(arg=None):
@@ -51,8 +51,9 @@ def get_config(arg=None):
   row, _ = nfnet.parse_variant(options.variant)
   c = experiment_config.base_config()
   suffix = "plus" if options.variant.endswith("+") else ""
-  c.model.name = f"nfnet_{options.variant.lower().rstrip('+')}{suffix}"
-  c.model.kwargs = dict(drop_path_rate=0.25, dropout_rate=row.dropout_rate)
+  c.model = experiment_config.model_config(
+      f"nfnet_{options.variant.lower().rstrip('+')}{suffix}",
+      drop_path_rate=0.25, dropout_rate=row.dropout_rate)
   c.dataset.update(dict(name="imagenet2012", image_size=row.train_image_size,
                         eval_image_size=row.test_image_size,
                         num_classes=1000,

@@ -15,8 +15,8 @@ def get_config(arg=None):
   """Returns the config; `arg` takes `depth=N` and `smoke=bool`."""
   options = experiment_config.parse_arg(arg, depth=50, smoke=False)
   c = experiment_config.base_config()
-  c.model.name = f"resnet{options.depth}"
-  c.model.kwargs = dict(drop_path_rate=0.0, dropout_rate=0.0)
+  c.model = experiment_config.model_config(
+      f"resnet{options.depth}", drop_path_rate=0.0, dropout_rate=0.0)
   c.dataset.update(dict(name="imagenet2012", image_size=224,
                         eval_image_size=224, num_classes=1000))
   c.batch_size = 1024

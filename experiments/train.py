@@ -10,6 +10,7 @@ does not exist is an error.
 
 import logging as std_logging
 import os
+import re
 import sys
 import tempfile
 
@@ -45,12 +46,59 @@ def _one_line(error: BaseException) -> str:
   return text
 
 
+def _config_file(argv) -> str:
+  """The `--config` value on a command line (absl: the last one wins)."""
+  spec = _DEFAULT_CONFIG
+  for i, arg in enumerate(argv[1:], 1):
+    name, sep, value = arg.partition("=")
+    if name in ("-config", "--config"):
+      spec = value if sep else (argv[i + 1] if i + 1 < len(argv) else spec)
+  return spec
+
+
+def _unknown_override(argv) -> str | None:
+  """The first `--config.x` override of a key the config lacks, explained.
+
+  config_flags says only the key ('nope'); this names where it is missing
+  and the valid keys there. None if the config does not load on its own (its
+  own error is then the one to report) or every override exists.
+  """
+  paths = [m.group(1) for m in
+           (re.match(r"^--?(?:no)?config\.([^=]+)", a) for a in argv[1:])
+           if m]
+  if not paths:
+    return None
+  try:
+    # The config as its file builds it, without the overrides: a separate
+    # flag, so that the one being reported stays as it is.
+    flag_values = flags.FlagValues()
+    holder = config_flags.DEFINE_config_file(
+        "config", _config_file(argv), flag_values=flag_values,
+        sys_argv=argv[:1])
+    flag_values(argv[:1])
+    config = holder.value
+  except Exception:  # pylint: disable=broad-except
+    return None
+  for path in paths:
+    message = experiment_config.missing_key(config, path)
+    if message:
+      return message
+  return None
+
+
 def _command_line_error(error: BaseException):
   """Prints a bad flag or config as one line and exits with status 2."""
   message = _one_line(error)
   cause = error.__cause__ or error.__context__
   if cause is not None and "earlier failure" in message:
     message = _one_line(cause)
+  chain, link = [], error
+  while link is not None and len(chain) < 8:
+    chain.append(link)
+    link = link.__cause__ or link.__context__
+  if any(isinstance(e, KeyError) for e in chain):
+    # An override of a key that does not exist (the config is locked).
+    message = _unknown_override(sys.argv) or message
   print(f"error: bad command line: {message}", file=sys.stderr)
   sys.exit(2)
 

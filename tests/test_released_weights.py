@@ -40,20 +40,25 @@ class FlatMapping(dict):
 FlatMapping.__module__ = "haiku._src.data_structures"
 
 
-def _f0_shapes(num_classes=1000):
-  model = models.build_model("nfnet_f0", num_classes=num_classes)
+# F0 at 1/8 of its widths, groups of 16 channels: every module path of F0
+# (the same blocks and names) at 1/50 of the parameters, for the tests that
+# train or evaluate through the trainer. The head is 384 wide (F0: 3072).
+SMALL_F0 = dict(width_multiplier=0.125, group_width=16)
+
+
+def _f0_shapes(num_classes=1000, **overrides):
+  model = models.build_model("nfnet_f0", num_classes=num_classes, **overrides)
   params, _ = jax.eval_shape(
       lambda x: model.init(jax.random.PRNGKey(0), x, is_training=True),
       jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
   return params
 
 
-@pytest.fixture(scope="module")
-def f0_params():
-  """Random float32 params with exactly the F0 listing's paths and shapes."""
+def _random_params(shapes):
+  """Random float32 params of `shapes`, gains near 1, small biases."""
   rng = np.random.default_rng(0)
   params = {}
-  for module, leaves in _f0_shapes().items():
+  for module, leaves in shapes.items():
     params[module] = {}
     for name, leaf in leaves.items():
       value = rng.standard_normal(leaf.shape).astype(np.float32)
@@ -77,6 +82,26 @@ def write_released(params, path, monkeypatch):
   assert b"numpy.core.multiarray" in data and b"FlatMapping" in data
   with open(path, "wb") as f:
     f.write(data)
+
+
+@pytest.fixture(scope="module")
+def f0_params():
+  """Random params with exactly the F0 listing's paths and shapes."""
+  return _random_params(_f0_shapes())
+
+
+@pytest.fixture(scope="module")
+def small_f0_params():
+  """Random params of F0's module paths at 1/8 of its widths."""
+  return _random_params(_f0_shapes(**SMALL_F0))
+
+
+@pytest.fixture(scope="module")
+def small_released_file(small_f0_params, tmp_path_factory):
+  path = tmp_path_factory.mktemp("released") / "F0_small_haiku.npz"
+  with pytest.MonkeyPatch.context() as monkeypatch:
+    write_released(small_f0_params, path, monkeypatch)
+  return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -269,7 +294,7 @@ def test_predict_script_on_generated_images(released_file, tmp_path):
 
 
 def test_fine_tune_from_released_f0_on_a_10_class_image_folder(
-    f0_params, released_file, tmp_path):
+    small_f0_params, small_released_file, tmp_path):
   pytest.importorskip("tensorflow")
   import configs.digits as digits_config  # pylint: disable=g-import-not-at-top
   from nfnets.training import loop  # pylint: disable=g-import-not-at-top
@@ -284,8 +309,9 @@ def test_fine_tune_from_released_f0_on_a_10_class_image_folder(
   config.dataset.update(dict(name="image_folder",
                              data_dir=str(tmp_path / "folder"),
                              val_fraction=0.5, num_classes=10))
-  config.model.kwargs = dict(drop_path_rate=0.0, dropout_rate=0.0)
-  config.init_from = released_file
+  # F0's blocks (not the digits config's one per stage), at 1/8 width.
+  config.model.kwargs = dict(SMALL_F0, drop_path_rate=0.0, dropout_rate=0.0)
+  config.init_from = small_released_file
   config.batch_size = 8
   config.eval_batch_size = 8
   config.num_steps = 2
@@ -299,12 +325,13 @@ def test_fine_tune_from_released_f0_on_a_10_class_image_folder(
   assert np.isfinite(results["loss"]) and results["eval_examples"] == 10
   saved = checkpoint.read_params(str(tmp_path / "run"))["params"]
   head = saved.pop("NFNet/~/linear")
-  assert head["w"].shape == (3072, 10) and head["b"].shape == (10,)
-  body = {m: v for m, v in f0_params.items() if m != "NFNet/~/linear"}
+  assert head["w"].shape == (384, 10) and head["b"].shape == (10,)
+  body = {m: v for m, v in small_f0_params.items() if m != "NFNet/~/linear"}
   _assert_trees_equal(saved, body)
 
 
-def test_evaluate_released_f0_on_a_local_imagenet(f0_params, released_file,
+def test_evaluate_released_f0_on_a_local_imagenet(small_f0_params,
+                                                  small_released_file,
                                                   tmp_path):
   """--mode=eval with init_from: the trainer's figures equal a PIL + apply."""
   pytest.importorskip("tensorflow_datasets")
@@ -319,7 +346,8 @@ def test_evaluate_released_f0_on_a_local_imagenet(f0_params, released_file,
   manual_dir, data_dir = str(tmp_path / "manual"), str(tmp_path / "tfds")
   fake_imagenet.write_fake_imagenet(manual_dir)
   config = nfnet.get_config("variant=F0")
-  config.init_from = released_file
+  config.init_from = small_released_file
+  config.model.kwargs = dict(config.model.kwargs, **SMALL_F0)
   config.dataset.update(dict(data_dir=data_dir, manual_dir=manual_dir,
                              image_size=32, eval_image_size=64))
   config.update(dict(batch_size=8, eval_batch_size=8, precision="float32"))
@@ -331,10 +359,10 @@ def test_evaluate_released_f0_on_a_local_imagenet(f0_params, released_file,
   encoded, labels = source.read(np.arange(source.num_examples))
   images = np.stack([transforms.resize_crop_32(
       Image.open(io.BytesIO(e)).convert("RGB"), 64) for e in encoded])
-  model = models.build_model("nfnet_f0")
+  model = models.build_model("nfnet_f0", **SMALL_F0)
   logits, _ = jax.jit(lambda p, x: model.apply(p, {}, None, x,
                                                is_training=False))(
-                                                   f0_params, images)
+                                                   small_f0_params, images)
   logits = np.asarray(logits, np.float64)
   log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True))
                               .sum(-1, keepdims=True)) - logits.max(

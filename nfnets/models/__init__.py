@@ -9,11 +9,18 @@ interface; the NF models' state is empty.
 
 Suffix `_nows` gives the same model with plain convs instead of Scaled WS (the
 signal-propagation control), e.g. `nf_resnet50_nows`.
+
+`model_options(name)` lists what an experiment config may set for a model
+(`config.model.kwargs`), `option_types(name)` the type each takes on a command
+line and `check_options(name, options)` rejects what the model does not take.
 """
 
+import collections.abc
 import functools
 import inspect
-from typing import Callable
+import types
+import typing
+from typing import Any, Callable, Mapping
 
 import haiku as hk
 
@@ -60,6 +67,127 @@ def create_model(name: str, **overrides) -> hk.Module:
     raise ValueError(f"num_classes must be positive, got "
                      f"{overrides['num_classes']}")
   return constructor(**overrides)
+
+
+# Set elsewhere than in a config's model options: num_classes from the
+# dataset, name by Haiku.
+_NOT_OPTIONS = ("num_classes", "name")
+
+
+def _bound(name: str) -> dict[str, Any]:
+  """The arguments the registry fixes for `name` (variant, depth, ...)."""
+  # functools.partial flattens nested partials, so this holds all of them.
+  return dict(getattr(get_constructor(name), "keywords", {}))
+
+
+def _parameters(name: str) -> dict[str, inspect.Parameter]:
+  bound = _bound(name)
+  return {k: p for k, p in
+          inspect.signature(get_constructor(name), eval_str=True)
+          .parameters.items()
+          if k not in _NOT_OPTIONS and k not in bound}
+
+
+def model_options(name: str) -> dict[str, Any]:
+  """The options of a model and their defaults, as a config sets them.
+
+  These are the keyword arguments of the registered constructor except
+  `num_classes` (an experiment takes it from its dataset), `name` and those
+  the name itself fixes (`variant` for `nfnet_f*`, `depth` for
+  `nf_resnet*`/`resnet*`, `standardize` for `*_nows`).
+
+  Args:
+    name: a registered model name, e.g. `nfnet_f0`.
+
+  Returns:
+    {option: default value}, in the constructor's order; a None default means
+    the model picks the value (e.g. NFNet's per-variant `dropout_rate`).
+
+  Raises:
+    ValueError: for an unknown model name.
+  """
+  return {k: p.default for k, p in _parameters(name).items()}
+
+
+def _command_line_type(annotation: Any, default: Any) -> type | None:
+  """The type a command line gives an option: its default's, if a literal."""
+  if isinstance(default, (bool, int, float, str, tuple)):
+    return type(default)
+  origin = typing.get_origin(annotation)
+  if origin in (typing.Union, types.UnionType):
+    choices = [a for a in typing.get_args(annotation) if a is not type(None)]
+    # An activation is a name or a function: only a name fits on a command
+    # line.
+    if str in choices:
+      return str
+    if len(choices) == 1:
+      return _command_line_type(choices[0], None)
+    return None
+  if annotation in (bool, int, float, str):
+    return annotation
+  if (annotation is tuple or origin is tuple or
+      (isinstance(origin, type) and
+       issubclass(origin, collections.abc.Sequence))):
+    return tuple
+  return None
+
+
+def option_types(name: str) -> dict[str, type]:
+  """The type each option of a model takes from a command line.
+
+  That of its default, or for a None default the annotated type: `float`
+  for `float | None`, `tuple` for a sequence, `str` for a name-or-function
+  such as an activation.
+
+  Args:
+    name: a registered model name.
+
+  Returns:
+    {option: type}, with the keys of `model_options(name)`.
+
+  Raises:
+    ValueError: for an unknown model name.
+    TypeError: for an option with no command-line type (a constructor
+      argument this function does not know how to spell as text).
+  """
+  result = {}
+  for key, parameter in _parameters(name).items():
+    kind = _command_line_type(parameter.annotation, parameter.default)
+    if kind is None:
+      raise TypeError(f"option {key!r} of model {name!r} has no command-line "
+                      f"type (annotation {parameter.annotation})")
+    result[key] = kind
+  return result
+
+
+def check_options(name: str, options: Mapping[str, Any]) -> None:
+  """Raises ValueError unless the model takes every option in `options`.
+
+  Options are those of `model_options(name)`; one the name fixes (e.g.
+  `standardize` of a `_nows` model) is accepted only with the same value, so
+  that a config written for `nf_resnet50` cannot turn `nf_resnet50_nows`
+  back into the standardized model.
+
+  Args:
+    name: a registered model name.
+    options: the options a config passes to the model.
+
+  Raises:
+    ValueError: for an unknown model name, an option the model does not take
+      (naming the valid ones) or one that contradicts the name.
+  """
+  valid = model_options(name)
+  bound = _bound(name)
+  for key, value in options.items():
+    if key in bound:
+      if value != bound[key]:
+        raise ValueError(
+            f"option {key}={value!r} contradicts model {name!r}, which sets "
+            f"{key}={bound[key]!r}; set it to {bound[key]!r} or pick "
+            "another model")
+    elif key not in valid:
+      raise ValueError(f"unknown option {key!r} for model {name!r}; valid: "
+                       f"{', '.join(valid)}")
 
 
 def build_model(name: str, **overrides) -> hk.TransformedWithState:

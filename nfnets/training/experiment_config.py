@@ -2,9 +2,13 @@
 
 Each file in `configs/` builds on `base_config()` and overrides what its
 family needs; `validate` runs before any compute so that a bad value is one
-clear error, not a traceback from deep inside JAX.
+clear error, not a traceback from deep inside JAX. `model_config` gives
+`config.model` every option of its model, so that each can be set with
+`--config.model.kwargs.<option>=...` (config_flags takes only keys that
+exist).
 """
 
+import difflib
 from typing import Any
 
 import jax
@@ -53,6 +57,47 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   return parsed
 
 
+def model_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
+  """`config.model` for the named model: every option, with `overrides`.
+
+  `kwargs` holds each of `models.model_options(name)`: a command line can
+  override only keys that exist, with values of their type. Options whose
+  default is None (the model's own choice, e.g. NFNet's per-variant
+  `dropout_rate`) are typed placeholders, so that `--config.model.kwargs.
+  dropout_rate=0.1` or `...depths='(1, 1, 1, 1)'` still parse; options that
+  take a name or a function (`activation`) take a name.
+
+  Args:
+    name: a registered model name, e.g. `nfnet_f0`.
+    **overrides: values for some of the options.
+
+  Returns:
+    ConfigDict(name=name, kwargs=ConfigDict(option=value, ...)).
+
+  Raises:
+    ValueError: for an unknown model or an option it does not take.
+  """
+  defaults = models.model_options(name)
+  for key in overrides:
+    if key not in defaults:
+      raise ValueError(f"unknown option {key!r} for model {name!r}; valid: "
+                       f"{', '.join(defaults)}")
+  kinds = models.option_types(name)
+  kwargs = {}
+  for key, default in defaults.items():
+    value, kind = overrides.get(key, default), kinds[key]
+    if value is None:
+      value = ml_collections.config_dict.placeholder(kind)
+    elif kind is float and isinstance(value, int):
+      # Stored as an int, the field would refuse `=0.1` on a command line.
+      value = float(value)
+    elif kind is tuple and isinstance(value, list):
+      value = tuple(value)
+    kwargs[key] = value
+  return ml_collections.ConfigDict(dict(
+      name=name, kwargs=ml_collections.ConfigDict(kwargs)))
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Every field the trainer reads, with the NFNet ImageNet recipe's values."""
   c = ml_collections.ConfigDict()
@@ -76,7 +121,7 @@ def base_config() -> ml_collections.ConfigDict:
       mixup_alpha=0.0, cutmix_alpha=0.0,
       # Evaluation resize: 'squash' (resize_crop_32, SPEC.md) or 'aspect'.
       eval_resize="squash"))
-  c.model = ml_collections.ConfigDict(dict(name="nfnet_f0", kwargs={}))
+  c.model = model_config("nfnet_f0")
   c.batch_size = 4096
   c.eval_batch_size = 1024
   c.num_epochs = 360.0
@@ -116,13 +161,13 @@ def shrink_model(config: ml_collections.ConfigDict) -> None:
   stage; NF-ResNets and ResNets (whose depth picks the stage lengths) 1/4 of
   the widths.
   """
-  kwargs = dict(config.model.kwargs)
+  # In place: replacing `kwargs` would drop the types of its None
+  # placeholders, which command-line overrides applied later need.
   if config.model.name.startswith("nfnet"):
-    kwargs.update(width_multiplier=0.125, group_width=16,
-                  depths=(1, 1, 1, 1))
+    config.model.kwargs.update(dict(width_multiplier=0.125, group_width=16,
+                                    depths=(1, 1, 1, 1)))
   else:
-    kwargs.update(width_multiplier=0.25)
-  config.model.kwargs = kwargs
+    config.model.kwargs.update(dict(width_multiplier=0.25))
 
 
 def make_smoke_test(config: ml_collections.ConfigDict) -> None:
@@ -144,6 +189,36 @@ def make_smoke_test(config: ml_collections.ConfigDict) -> None:
   config.ema.update(dict(decay=0.99, warmup=True))
   config.checkpoint.every_steps = 10
   config.log_every_steps = 5
+
+
+def missing_key(config: ml_collections.ConfigDict, path: str) -> str | None:
+  """Says that a dotted key is not in `config`, naming the keys that are.
+
+  config_flags reports an override of a key that a locked config lacks as
+  the bare key (`KeyError('nope')`), without where it is missing or what
+  would have been valid; this is that line.
+
+  Args:
+    config: the config as its file builds it.
+    path: a dotted key, as after `--config.` on a command line.
+
+  Returns:
+    e.g. "unknown key config.model.kwargs.nope; valid keys of
+    config.model.kwargs: activation, alpha, ...", or None when `path` is in
+    `config` or leaves its ConfigDicts (an index into a tuple).
+  """
+  node, where = config, "config"
+  for part in path.split("."):
+    if not isinstance(node, ml_collections.ConfigDict) or "[" in part:
+      return None
+    if part not in node:
+      valid = sorted(node.keys())
+      close = difflib.get_close_matches(part, valid, n=1)
+      hint = f" (did you mean {close[0]}?)" if close else ""
+      return (f"unknown key {where}.{part}{hint}; valid keys of {where}: "
+              f"{', '.join(valid)}")
+    node, where = node[part], f"{where}.{part}"
+  return None
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -172,6 +247,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
          f"unknown dataset.eval_resize {ds.eval_resize!r}; valid: squash, "
          "aspect")
   models.get_constructor(config.model.name)
+  try:
+    # Before building: a config written for another family (e.g.
+    # `--config.model.name=nf_resnet50` on configs/nfnet.py) names the option
+    # the model does not take rather than failing inside a trace.
+    models.check_options(config.model.name, config.model.kwargs)
+  except ValueError as e:
+    raise ValueError(f"model.kwargs: {e}") from None
   need(config.batch_size > 0 and config.eval_batch_size > 0,
        "batch_size and eval_batch_size must be positive")
   need(config.num_steps >= 0 and config.num_epochs >= 0,
