@@ -5,7 +5,10 @@
       --config.dataset.data_dir=/data/tfds \
       --config.dataset.manual_dir=/data/ilsvrc2012_tars
 
-Defaults follow SPEC.md / ICML 2021 App. C: batch 4096, lr 0.1 * batch / 256,
+Defaults follow Brock, De, Smith, Simonyan, ICML 2021, "High-Performance
+Large-Scale Image Recognition Without Normalization", App. C, and DeepMind's
+released code (google-deepmind/deepmind-research
+`nfnets/experiment_nfnets.py`): batch 4096, lr 0.1 * batch / 256,
 5 warmup epochs then cosine decay over 360 epochs, SGD + Nesterov 0.9, weight
 decay 2e-5 on weights only, AGC 0.01 on all but the classifier, label
 smoothing 0.1, bfloat16 compute, EMA 0.99999, train/test resolution, dropout

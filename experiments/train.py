@@ -5,7 +5,11 @@
 
 With no flags at all it trains the bundled default (configs/digits.py) in a
 new temporary workdir and says where. Config overrides are locked: a key that
-does not exist is an error.
+does not exist is an error. A bad command line is one line on stderr,
+`error: bad command line: ...`, and exit status 2; a config the trainer
+refuses (or a run that fails: NaN loss, unreadable data) is `error: ...` and
+status 1. `load_config(argv)` is the config half of the command line, for
+tests and notebooks.
 """
 
 import logging as std_logging
@@ -17,6 +21,7 @@ import tempfile
 from absl import app
 from absl import flags
 from absl import logging
+import ml_collections
 from ml_collections import config_flags
 
 # Runnable from a clone without installing: the repo root on the path.
@@ -28,7 +33,7 @@ from nfnets.training import loop  # pylint: disable=g-import-not-at-top,wrong-im
 _DEFAULT_CONFIG = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
     "digits.py")
-_CONFIG = None  # defined in __main__, where bad overrides can be reported
+_CONFIG = None  # the command line's config, set by _parse_flags
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Checkpoints and metrics go here; default: a new "
     "temporary directory.")
@@ -86,8 +91,8 @@ def _unknown_override(argv) -> str | None:
   return None
 
 
-def _command_line_error(error: BaseException):
-  """Prints a bad flag or config as one line and exits with status 2."""
+def _command_line_message(error: BaseException, argv) -> str:
+  """One line saying what is wrong with a command line's config flags."""
   message = _one_line(error)
   cause = error.__cause__ or error.__context__
   if cause is not None and "earlier failure" in message:
@@ -98,27 +103,71 @@ def _command_line_error(error: BaseException):
     link = link.__cause__ or link.__context__
   if any(isinstance(e, KeyError) for e in chain):
     # An override of a key that does not exist (the config is locked).
-    message = _unknown_override(sys.argv) or message
-  print(f"error: bad command line: {message}", file=sys.stderr)
-  sys.exit(2)
+    message = _unknown_override(argv) or message
+  return message
+
+
+def _is_config_arg(arg: str) -> bool:
+  return bool(re.match(r"^--?(?:no)?config(?:[.=]|$)", arg))
+
+
+def _split_config_args(argv) -> tuple[list[str], list[str]]:
+  """(the --config flags, the rest), each after argv[0]."""
+  config_args, rest, i = [], [], 1
+  while i < len(argv):
+    arg = argv[i]
+    if _is_config_arg(arg):
+      config_args.append(arg)
+      if "=" not in arg and arg.lstrip("-") == "config" and i + 1 < len(argv):
+        i += 1  # `--config FILE`
+        config_args.append(argv[i])
+    else:
+      rest.append(arg)
+    i += 1
+  return config_args, rest
+
+
+def load_config(argv) -> ml_collections.ConfigDict:
+  """The locked config that a command line's `--config*` flags give.
+
+  Args:
+    argv: a command line (argv[0] first); flags other than `--config`
+      (`--config=FILE[:ARGS]`, default configs/digits.py) and its
+      `--config.key=value` overrides are ignored.
+
+  Returns:
+    The config, locked: setting a key it does not have is an error.
+
+  Raises:
+    ValueError: one line saying what is wrong (an unknown key, with the valid
+      ones; a missing config file; a bad config arg).
+  """
+  config_args, _ = _split_config_args(argv)
+  flag_values = flags.FlagValues()
+  try:
+    # config_flags defines a flag per override it finds in sys_argv here.
+    holder = config_flags.DEFINE_config_file(
+        "config", _DEFAULT_CONFIG, "Experiment config file[:args].",
+        flag_values=flag_values, lock_config=True,
+        sys_argv=[argv[0], *config_args])
+    flag_values([argv[0], *config_args])
+    config = holder.value
+    config.lock()  # a config file that failed to load raises here
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(_command_line_message(e, argv)) from None
+  return config
 
 
 def _parse_flags(argv):
-  try:
-    return flags.FLAGS(argv)
-  except Exception as e:  # pylint: disable=broad-except
-    _command_line_error(e)
-
-
-def _define_config_flag():
-  """Defines --config; config_flags reads --config.x overrides right here."""
+  """app.run's parser: the config on its own flags, then the rest."""
   global _CONFIG
+  config_args, rest = _split_config_args(argv)
   try:
-    _CONFIG = config_flags.DEFINE_config_file(
-        "config", _DEFAULT_CONFIG, "Experiment config file[:args].",
-        lock_config=True)
+    _CONFIG = load_config([argv[0], *config_args])
+    return flags.FLAGS([argv[0], *rest])
   except Exception as e:  # pylint: disable=broad-except
-    _command_line_error(e)
+    print(f"error: bad command line: {_one_line(e)}", file=sys.stderr)
+    sys.exit(2)
 
 
 class _QuietLibraries:
@@ -135,11 +184,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  try:
-    config = _CONFIG.value
-    config.lock()  # a config file that failed to load raises here
-  except Exception as e:  # pylint: disable=broad-except
-    _command_line_error(e)
+  config = _CONFIG
   workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="nfnets-")
   logging.info("workdir: %s", workdir)
   try:
@@ -157,5 +202,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  _define_config_flag()
   app.run(main, flags_parser=_parse_flags)

@@ -14,7 +14,9 @@ it (same stem, `.csv`).
 """
 
 import csv
+import os
 import pathlib
+import sys
 from typing import Sequence
 
 from absl import app
@@ -24,7 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nfnets import models
+# Runnable from a clone without installing: the repo root on the path.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from nfnets import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _MODELS = flags.DEFINE_list(
     "models", ["nf_resnet50", "resnet50", "nf_resnet50_nows"],

@@ -8,11 +8,16 @@ paper's tables.
 """
 
 import json
+import os
+import sys
 
 from absl import app
 from absl import flags
 
-from nfnets.models import summary
+# Runnable from a clone without installing: the repo root on the path.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from nfnets.models import summary  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _MODEL = flags.DEFINE_string("model", "nfnet_f0", "Registered model name.")
 _IMAGE_SIZE = flags.DEFINE_integer(

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from nfnets import models
 
-ALPHA = 0.2  # SPEC.md: the NF residual scale.
+ALPHA = 0.2  # The NF residual scale (ICLR 2021, Sec. 4; the released code).
 
 # Small but structurally complete configs: every block type appears, with
 # non-transition blocks in the stages where the variance is still large.

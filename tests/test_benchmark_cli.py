@@ -5,6 +5,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+from benchmarks import step as bench_step
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -14,30 +18,36 @@ def _benchmark(*flags):
       cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
 
 
-def test_train_step_benchmark_json():
+def test_train_step_benchmark_json_with_the_plain_twins():
+  # --plain times the step traced without the fast paths of nfnets.ops.
   result = _benchmark("--model=nfnet_f0", "--smoke", "--precision=float32",
                       "--batch_size=16", "--image_size=32", "--steps=3",
-                      "--warmup=1", "--json")
+                      "--warmup=1", "--plain", "--json")
   assert result.returncode == 0, result.stderr[-2000:]
   info = json.loads(result.stdout.strip().splitlines()[-1])
   assert info["model"] == "nfnet_f0" and info["mode"] == "train"
   assert info["batch_size"] == 16 and info["image_size"] == 32
-  assert info["remat"] is False
+  assert info["remat"] is False and info["fast_paths"] is False
   assert info["device"] == "8 x cpu"
   assert info["step_ms"] > 0 and info["compile_s"] > 0
   assert abs(info["images_per_sec"] * info["step_ms"] / 1e3 - 16) < 0.1
   assert 0 < info["mfu"] < 1
 
 
-def test_smoke_benchmark_of_a_resnet_family():
-  # --smoke shrinks each family as its config's smoke=True does (ResNets
-  # take no `depths`: passing one made this fail before).
-  result = _benchmark("--model=nf_resnet26", "--smoke",
-                      "--precision=float32", "--batch_size=16",
-                      "--image_size=32", "--steps=1", "--warmup=0", "--json")
-  assert result.returncode == 0, result.stderr[-2000:]
-  info = json.loads(result.stdout.strip().splitlines()[-1])
-  assert info["model"] == "nf_resnet26" and info["step_ms"] > 0
+@pytest.mark.parametrize("model", ["nf_resnet26", "resnet26",
+                                   "nf_resnet26_nows", "nfnet_f1plus"])
+def test_benchmark_config_of_each_family(model):
+  # The benchmarks build their config as benchmark.py does; --smoke shrinks
+  # each family as its config's smoke=True does (ResNets take no `depths`:
+  # passing one made this fail before), and a `_nows` name keeps its
+  # family's options but plain convs.
+  config, _ = bench_step.benchmark_config(model, 16, 32, "float32",
+                                          smoke=True, remat=False,
+                                          fast_paths=False)
+  assert config.model.name == model and config.fast_paths is False
+  assert config.model.kwargs.width_multiplier < 1
+  if model.endswith("_nows"):
+    assert "standardize" not in config.model.kwargs
 
 
 def test_bad_benchmark_arguments_are_one_line_errors():

@@ -1,4 +1,10 @@
-"""Tests of the NF building blocks against SPEC.md's formulas and figures."""
+"""Tests of the NF building blocks against the papers' formulas and figures.
+
+Brock, De, Smith, ICLR 2021, "Characterizing signal propagation to close the
+performance gap in unnormalized ResNets" (Scaled WS, the gamma of each
+activation); Brock, De, Smith, Simonyan, ICML 2021, "High-Performance
+Large-Scale Image Recognition Without Normalization" (NFNet blocks).
+"""
 
 import haiku as hk
 import jax
@@ -9,10 +15,12 @@ import pytest
 from jaxpr_helpers import count_primitive
 from jaxpr_helpers import find_eqns
 from nfnets import layers
+from nfnets import ops
 from nfnets.ops import standardize
 
-# SPEC.md's gamma table (ICLR 2021, App. D), checked independently of the
-# constants in nfnets.layers.
+# The gamma of each activation (ICLR 2021, App. D; the constants of the
+# released code, google-deepmind/deepmind-research `nfnets/base.py`),
+# checked independently of the constants in nfnets.layers.
 SPEC_GAMMAS = {
     "relu": 1.7139589, "gelu": 1.7015043, "silu": 1.7881293,
     "elu": 1.2716005, "tanh": 1.5939118, "sigmoid": 4.8038354,
@@ -147,12 +155,17 @@ def test_standardization_gradient_matches_autodiff_of_the_formula():
                                atol=1e-4 * np.abs(want).max())
 
 
-def test_standardization_and_its_gradient_take_four_reductions():
-  # Two sums per channel forward (one pass), two backward: differentiating
-  # the formula as written takes 10, each a small GPU kernel per conv.
+def test_standardization_fast_path_takes_fewer_reductions_than_the_formula():
+  # Two sums per channel forward (one pass), two backward (each reduction is
+  # a small GPU kernel per conv and step); differentiating the formula as
+  # written (the plain twin) takes about 10. A bound, not today's count.
   w, gain = jnp.ones((3, 3, 8, 4)), jnp.ones(4)
   vjp = lambda w, gain: jax.vjp(standardize.standardize_weight, w, gain)[1](w)
-  assert count_primitive(vjp, "reduce_sum", w, gain) == 4
+  fast = count_primitive(vjp, "reduce_sum", w, gain)
+  with ops.fast_paths(False):
+    plain = count_primitive(vjp, "reduce_sum", w, gain)
+  assert fast <= 5 and plain >= 2 * fast
+
 
 def _conv_apply(x, **kwargs):
   f = hk.transform(lambda x: layers.WSConv2D(**kwargs, name="conv")(x))

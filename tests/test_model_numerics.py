@@ -68,9 +68,9 @@ def test_nf_resnet_signal_propagation(nf_resnet_small):
   no_ws = _signal_metrics("nf_resnet26_nows", params, state, **NF_RESNET_SMALL)
   np.testing.assert_array_equal(ws["stage"], [0, 0, 1, 1, 2, 2, 3, 3])
 
-  # SPEC: Var(h) = 1 + j * alpha^2 within a stage, restarting at 1 at each
-  # transition (its shortcut is a strided conv of the normalised input);
-  # the metrics are block outputs, hence j + 1.
+  # ICLR 2021, Sec. 4: Var(h) = 1 + j * alpha^2 within a stage, restarting
+  # at 1 at each transition (its shortcut is a strided conv of the
+  # normalised input); the metrics are block outputs, hence j + 1.
   slices = _stage_slices(ws["stage"])
   for idx in slices:
     expected = 1.0 + (np.arange(len(idx)) + 1) * ALPHA**2
@@ -91,7 +91,7 @@ def test_nfnet_signal_propagation(nfnet_small):
   # the normalised input. On a spatially white Gaussian input the pool
   # averages 4 independent values and divides the variance by ~4 at every
   # transition (block outputs ~ [1.00 1.04 | 0.28 0.29 | 0.065 | 0.013]): the
-  # restart at 1 that SPEC.md describes needs spatially correlated inputs
+  # restart at 1 of ICLR 2021, Sec. 4 needs spatially correlated inputs
   # such as natural images. So this asserts what holds here: stage 0 (no
   # pool) grows as 1 + j * alpha^2, every transition cuts the variance by
   # about 4 (observed 0.20-0.27; a strided slice instead of the pool would
@@ -220,7 +220,10 @@ def test_drop_path_and_dropout_draw_from_the_rng(nfnet_small, drop_path_rate,
 
 
 def test_stochastic_depth_rates_follow_the_spec():
-  # SPEC: block j of n drops with rate 0.25 * j / n.
+  # Block j of n drops with rate 0.25 * j / n (the released code's
+  # `stochdepth_rate * index / num_blocks`, google-deepmind/deepmind-research
+  # `nfnets/nfnet.py`, with 0.25 for every F variant in its
+  # `nfnets/experiment_nfnets.py`).
   rates = hk.transform(lambda: [
       b.drop_rate for b in models.create_model("nfnet_f0").blocks]).apply(
           {}, None)

@@ -1,8 +1,10 @@
-"""Tests of scripts/spp.py, run as a user runs it (SPEC.md, SPPs).
+"""Tests of scripts/spp.py, run as a user runs it (SPPs, ICLR 2021, Sec. 3).
 
 One small run of three ResNet-26 models (width x0.25, 160 px, batch 8, seed
 0) is shared by the tests; its numbers are checked against the signal
-propagation that SPEC.md and the NF-ResNet paper describe.
+propagation that the NF-ResNet paper describes (Brock, De, Smith, ICLR 2021,
+"Characterizing signal propagation to close the performance gap in
+unnormalized ResNets", Sec. 3 and 4).
 """
 
 import csv

@@ -1,4 +1,10 @@
-"""Tests of scripts/summary.py, run as a user runs it (SPEC.md's table)."""
+"""Tests of scripts/summary.py, run as a user runs it (F0's size).
+
+F0's size is the one the NFNet paper reports, counted exactly (71.5M
+parameters and 12.38 GFLOPs at 256 px in Brock, De, Smith, Simonyan, ICML
+2021, "High-Performance Large-Scale Image Recognition Without
+Normalization").
+"""
 
 import json
 import os

@@ -285,9 +285,10 @@ def eval_pass(source: Source, global_batch_size: int, *, image_size: int,
     source: the evaluation examples.
     global_batch_size: examples per step summed over all processes.
     image_size: output resolution S.
-    resize: 'squash' (SPEC.md's `resize_crop_32`: resize to S + 32 ignoring
-      the aspect ratio, centre crop S; what the released weights expect) or
-      'aspect' (centre crop S / (S + 32) of the shorter side, resize to S).
+    resize: 'squash' (`resize_crop_32` of DeepMind's released code: resize
+      to S + 32 ignoring the aspect ratio, centre crop S; what the released
+      weights expect) or 'aspect' (centre crop S / (S + 32) of the shorter
+      side, resize to S).
     process_index: index of this process in [0, process_count).
     process_count: number of processes sharing each global batch.
 

@@ -1,9 +1,12 @@
 """Host-side (PIL + numpy) image transforms: the NFNet eval preprocessing.
 
-`resize_crop_32` is the evaluation transform of the released NFNets (SPEC.md):
-squash-resize to `S + 32` (no aspect ratio kept), centre crop `S`, normalise
-with the ImageNet mean and std (on the 0-255 scale). The TF input pipeline
-implements the same transform for ImageNet evaluation.
+`resize_crop_32` is the evaluation transform of the released NFNets
+(`eval_preproc='resize_crop_32'` in DeepMind's released code,
+google-deepmind/deepmind-research `nfnets/experiment_nfnets.py` and
+`nfnets/dataset.py`): squash-resize to `S + 32` (no aspect ratio kept),
+centre crop `S`, normalise with the ImageNet mean and std (on the 0-255
+scale). The TF input pipeline implements the same transform for ImageNet
+evaluation.
 """
 
 import numpy as np

@@ -1,6 +1,6 @@
 """Training: experiment configs, the data-parallel steps and the loop.
 
-`experiment_config` (defaults, `arg` parsing, validation), `optimizer` (AGC,
+`experiment_config` (defaults, `arg` parsing, validation), `optim` (AGC,
 weight decay, SGD/AdamW/LAMB, the schedule), `steps` (the TrainState and the
 per-device train and eval steps), `loop` (`train_and_evaluate`: resume,
 train, evaluate, save), `checkpoint` (orbax), `parallel` (mesh, batch

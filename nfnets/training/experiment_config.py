@@ -119,7 +119,7 @@ def base_config() -> ml_collections.ConfigDict:
       # and TFDS): RandAugment ops and magnitude, MixUp and CutMix alphas.
       randaugment_layers=0, randaugment_magnitude=0.0,
       mixup_alpha=0.0, cutmix_alpha=0.0,
-      # Evaluation resize: 'squash' (resize_crop_32, SPEC.md) or 'aspect'.
+      # Evaluation resize: 'squash' (the released resize_crop_32) or 'aspect'.
       eval_resize="squash"))
   c.model = model_config("nfnet_f0")
   c.batch_size = 4096
