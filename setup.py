@@ -34,7 +34,8 @@ setuptools.setup(
     ],
     extras_require={
         # The image-folder and TFDS inputs' tests need the [imagenet] extra.
-        "test": ["pytest>=7", "matplotlib>=3.5"] + IMAGENET,
+        # pytest-xdist: the README's test command runs on two workers.
+        "test": ["pytest>=7", "pytest-xdist>=3", "matplotlib>=3.5"] + IMAGENET,
         "cuda": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
         "imagenet": IMAGENET,
