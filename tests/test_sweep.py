@@ -42,9 +42,12 @@ def test_variants_sweep_and_bad_sweeps(tmp_path):
 
 
 def test_tiny_sweep_runs_and_a_rerun_skips_finished_runs(tmp_path):
+  # The runs' flags are test_train_cli's: their programs come from the
+  # persistent compilation cache when that test compiled them first.
   flags = ["--config=configs/digits.py:seeds=2", f"--workdir_root={tmp_path}",
-           "--run", "--", "--config.num_steps=3", "--config.batch_size=32",
-           "--config.log_every_steps=1"]
+           "--run", "--", "--config.num_steps=24", "--config.batch_size=32",
+           "--config.checkpoint.every_steps=4", "--config.log_every_steps=1",
+           "--config.eval_batch_size=360"]
   first = _sweep(*flags)
   assert first.returncode == 0, first.stderr[-3000:]
   assert sorted(os.listdir(tmp_path)) == ["seed=0", "seed=1"]
