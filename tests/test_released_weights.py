@@ -96,20 +96,22 @@ def small_f0_params():
   return _random_params(_f0_shapes(**SMALL_F0))
 
 
+def _released_file(params, tmp_path_factory, name):
+  path = tmp_path_factory.mktemp("released") / name
+  with pytest.MonkeyPatch.context() as monkeypatch:
+    write_released(params, path, monkeypatch)
+  return str(path)
+
+
 @pytest.fixture(scope="module")
 def small_released_file(small_f0_params, tmp_path_factory):
-  path = tmp_path_factory.mktemp("released") / "F0_small_haiku.npz"
-  with pytest.MonkeyPatch.context() as monkeypatch:
-    write_released(small_f0_params, path, monkeypatch)
-  return str(path)
+  return _released_file(small_f0_params, tmp_path_factory,
+                        "F0_small_haiku.npz")
 
 
 @pytest.fixture(scope="module")
 def released_file(f0_params, tmp_path_factory):
-  path = tmp_path_factory.mktemp("released") / "F0_haiku.npz"
-  with pytest.MonkeyPatch.context() as monkeypatch:
-    write_released(f0_params, path, monkeypatch)
-  return str(path)
+  return _released_file(f0_params, tmp_path_factory, "F0_haiku.npz")
 
 
 def _assert_trees_equal(a, b):
