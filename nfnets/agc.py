@@ -9,7 +9,9 @@ the matching parameter unit never exceeds a threshold `clipping`.
 `GradientTransformation` so that it can (a) compute norms in float32 even for
 bfloat16 grads/params, (b) skip leaves via a mask (the paper does not clip the
 final classifier layer), and (c) report the fraction of clipped units in its
-state for logging.
+state for logging. With the fast paths on (`nfnets.ops.switch`), the norms of
+same-shaped leaves are reduced together (`nfnets.ops.norms`); off, each leaf
+is clipped on its own, the same values.
 """
 
 from collections.abc import Callable, Mapping
