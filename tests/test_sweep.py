@@ -41,9 +41,14 @@ def test_variants_sweep_and_bad_sweeps(tmp_path):
   assert bad.returncode != 0 and "defines no get_sweep" in bad.stderr
 
 
-def test_tiny_sweep_runs_and_a_rerun_skips_finished_runs(tmp_path):
-  # The runs' flags are test_train_cli's: their programs come from the
+def test_tiny_sweep_runs_what_is_not_finished_and_a_rerun_skips_all(
+    tmp_path):
+  # seed=1 is marked finished beforehand (done.json, as a finished run
+  # writes it): the sweep trains seed=0 only; run again, it trains nothing.
+  # The run's flags are test_train_cli's: its programs come from the
   # persistent compilation cache when that test compiled them first.
+  os.makedirs(tmp_path / "seed=1")
+  (tmp_path / "seed=1" / "done.json").write_text("{}")
   flags = ["--config=configs/digits.py:seeds=2", f"--workdir_root={tmp_path}",
            "--run", "--", "--config.num_steps=24", "--config.batch_size=32",
            "--config.checkpoint.every_steps=4", "--config.log_every_steps=1",
@@ -51,8 +56,10 @@ def test_tiny_sweep_runs_and_a_rerun_skips_finished_runs(tmp_path):
   first = _sweep(*flags)
   assert first.returncode == 0, first.stderr[-3000:]
   assert sorted(os.listdir(tmp_path)) == ["seed=0", "seed=1"]
-  for run in ("seed=0", "seed=1"):
-    assert os.path.exists(tmp_path / run / "done.json")
+  assert os.path.exists(tmp_path / "seed=0" / "done.json")
+  assert os.path.isdir(tmp_path / "seed=0" / "checkpoints")
+  assert os.listdir(tmp_path / "seed=1") == ["done.json"]
+  assert first.stdout.count("finished already") == 1
   assert "sweep done: 2 runs" in first.stdout
   again = _sweep(*flags)
   assert again.returncode == 0
