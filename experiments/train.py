@@ -118,8 +118,13 @@ def _split_config_args(argv) -> tuple[list[str], list[str]]:
     arg = argv[i]
     if _is_config_arg(arg):
       config_args.append(arg)
-      if "=" not in arg and arg.lstrip("-") == "config" and i + 1 < len(argv):
-        i += 1  # `--config FILE`
+      # `--config FILE` or `--config.key VALUE` (a boolean override stands
+      # alone: the next word is then another flag, as the script takes no
+      # positional arguments).
+      takes_next = ("=" not in arg and not arg.lstrip("-").startswith("no")
+                    and i + 1 < len(argv) and not argv[i + 1].startswith("-"))
+      if takes_next:
+        i += 1
         config_args.append(argv[i])
     else:
       rest.append(arg)

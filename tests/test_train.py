@@ -18,6 +18,7 @@ from nfnets.training import optim
 from nfnets.training import parallel
 from nfnets.training import steps
 
+from jaxpr_helpers import find_eqns  # pylint: disable=g-bad-import-order
 import configs.digits as digits_config  # pylint: disable=g-bad-import-order
 import configs.nfnet as nfnet_config  # pylint: disable=g-bad-import-order
 import configs.resnet as resnet_config  # pylint: disable=g-bad-import-order
@@ -111,7 +112,14 @@ def test_fast_paths_on_and_off_give_the_same_step():
     for devices in (jax.devices()[:1], jax.devices()):
       mesh = Mesh(np.asarray(devices), (parallel.AXIS,))
       state, step = _setup(config, mesh)
-      state, metrics = step(state, parallel.shard_batch(_batch(), mesh))
+      # The switch reaches the traced step: custom VJPs and barriers (the
+      # fast paths) or none.
+      batch = parallel.shard_batch(_batch(), mesh)
+      fenced = sum(len(find_eqns(step, name, state, batch)) for name in (
+          "custom_vjp_call", "custom_vjp_call_jaxpr", "optimization_barrier"))
+      assert (fenced > 0) == fast_paths, fenced
+      for _ in range(2):
+        state, metrics = step(state, batch)
       states[fast_paths, len(devices)] = jax.device_get(state)
       losses[fast_paths, len(devices)] = float(metrics["loss"])
   reference = states[True, 1]

@@ -185,7 +185,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """Trains and/or evaluates as configured; returns the final metrics.
 
   Args:
-    config: an experiment config (see `nfnets.experiment_config.base_config`).
+    config: an experiment config (see `nfnets.training.experiment_config.base_config`).
     workdir: where checkpoints, metrics.jsonl and TensorBoard files go.
     mode: 'train', 'eval' (the workdir's latest checkpoint, or
       `config.init_from`) or 'train_eval' (train with periodic evaluation).
