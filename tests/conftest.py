@@ -27,7 +27,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # --dist loadfile` (the README's test command) hands each worker whole
 # modules in collection order; starting the long ones first keeps one worker
 # from running the last long module alone while the other idles.
-_SLOW_MODULES = ("test_train.py", "test_multihost.py",
+_SLOW_MODULES = ("test_multihost.py", "test_train_loop.py", "test_train.py",
                  "test_released_weights.py", "test_train_cli.py",
                  "test_benchmark_cli.py", "test_sweep.py", "test_tfds.py",
                  "test_image_folder.py")

@@ -1,8 +1,9 @@
-"""Trainer tests: data parallelism, masks, EMA, checkpoints, bad input."""
+"""Trainer steps: data parallelism, the fast paths, masks, EMA, optimizers.
+
+End to end runs, checkpoints and bad input: test_train_loop.py.
+"""
 
 import math
-import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -11,68 +12,15 @@ import numpy as np
 import pytest
 
 from nfnets import models
-from nfnets.data import digits
-from nfnets.training import checkpoint
-from nfnets.training import loop
 from nfnets.training import optim
 from nfnets.training import parallel
 from nfnets.training import steps
 
 from jaxpr_helpers import find_eqns  # pylint: disable=g-bad-import-order
-import configs.digits as digits_config  # pylint: disable=g-bad-import-order
+from train_helpers import batch  # pylint: disable=g-bad-import-order
+from train_helpers import setup  # pylint: disable=g-bad-import-order
+from train_helpers import tiny_config  # pylint: disable=g-bad-import-order
 import configs.nfnet as nfnet_config  # pylint: disable=g-bad-import-order
-import configs.resnet as resnet_config  # pylint: disable=g-bad-import-order
-
-
-def tiny_config(**overrides):
-  """The digits config, shortened; overrides as dotted keys."""
-  c = digits_config.get_config()
-  c.optimizer.warmup_epochs = 0.0
-  c.model.kwargs = dict(c.model.kwargs, depths=(1, 1, 1, 1))
-  c.batch_size = 32
-  c.eval_batch_size = 40
-  c.num_steps = 6
-  c.checkpoint.every_steps = 3
-  c.checkpoint.async_save = False
-  c.log_every_steps = 3
-  for key, value in overrides.items():
-    node = c
-    *path, leaf = key.split(".")
-    for part in path:
-      node = node[part]
-    node[leaf] = value
-  return c
-
-
-def _setup(config, mesh):
-  model = models.build_model(config.model.name, num_classes=10,
-                             **config.model.kwargs)
-  schedule = optim.learning_rate_schedule(config, 100, 10)
-  optimizer = optim.make_optimizer(config, schedule)
-  state = steps.make_init(model, optimizer, (32, 32, 3), mesh)(
-      jax.random.PRNGKey(0))
-  step = steps.make_train_step(model, optimizer, schedule, config, mesh)
-  return state, step
-
-
-def _restore_latest(config, workdir):
-  """(state, data_state) of the newest readable checkpoint in `workdir`."""
-  mesh = Mesh(np.asarray(jax.devices()), (parallel.AXIS,))
-  state, _ = _setup(config, mesh)
-  abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                     sharding=parallel.replicated_sharding(
-                                         mesh)), state)
-  ckpt = checkpoint.Checkpointer(str(workdir / "checkpoints"), 3, False)
-  try:
-    return ckpt.restore_latest(abstract)
-  finally:
-    ckpt.close()
-
-
-def _batch(n=32):
-  images, labels = digits.load_digits("train")
-  return {"images": images[:n], "labels": labels[:n]}
 
 
 def test_one_and_eight_devices_give_the_same_sam_step():
@@ -82,9 +30,9 @@ def test_one_and_eight_devices_give_the_same_sam_step():
   results = []
   for devices in (jax.devices()[:1], jax.devices()):
     mesh = Mesh(np.asarray(devices), (parallel.AXIS,))
-    state, step = _setup(config, mesh)
+    state, step = setup(config, mesh)
     for _ in range(2):
-      state, metrics = step(state, parallel.shard_batch(_batch(), mesh))
+      state, metrics = step(state, parallel.shard_batch(batch(), mesh))
     results.append((jax.device_get(state), jax.device_get(metrics)))
   (one, m1), (eight, m8) = results
   assert len(jax.devices()) == 8
@@ -95,7 +43,7 @@ def test_one_and_eight_devices_give_the_same_sam_step():
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
   assert m1["loss"] == pytest.approx(m8["loss"], rel=1e-5)
   # The update did something (not a vacuous equality).
-  fresh, _ = _setup(config, Mesh(np.asarray(jax.devices()[:1]), ("data",)))
+  fresh, _ = setup(config, Mesh(np.asarray(jax.devices()[:1]), ("data",)))
   moved = [np.abs(a - b).max() for a, b in zip(
       jax.tree.leaves(fresh.params), jax.tree.leaves(one.params))]
   assert max(moved) > 1e-3
@@ -111,15 +59,15 @@ def test_fast_paths_on_and_off_give_the_same_step():
     config = tiny_config(fast_paths=fast_paths)
     for devices in (jax.devices()[:1], jax.devices()):
       mesh = Mesh(np.asarray(devices), (parallel.AXIS,))
-      state, step = _setup(config, mesh)
+      state, step = setup(config, mesh)
       # The switch reaches the traced step: custom VJPs and barriers (the
       # fast paths) or none.
-      batch = parallel.shard_batch(_batch(), mesh)
-      fenced = sum(len(find_eqns(step, name, state, batch)) for name in (
+      sharded = parallel.shard_batch(batch(), mesh)
+      fenced = sum(len(find_eqns(step, name, state, sharded)) for name in (
           "custom_vjp_call", "custom_vjp_call_jaxpr", "optimization_barrier"))
       assert (fenced > 0) == fast_paths, fenced
       for _ in range(2):
-        state, metrics = step(state, batch)
+        state, metrics = step(state, sharded)
       states[fast_paths, len(devices)] = jax.device_get(state)
       losses[fast_paths, len(devices)] = float(metrics["loss"])
   reference = states[True, 1]
@@ -130,7 +78,7 @@ def test_fast_paths_on_and_off_give_the_same_step():
                       jax.tree.leaves(getattr(state, part))):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6,
                                    err_msg=f"{part}, {key}")
-  fresh, _ = _setup(tiny_config(), Mesh(np.asarray(jax.devices()[:1]),
+  fresh, _ = setup(tiny_config(), Mesh(np.asarray(jax.devices()[:1]),
                                         ("data",)))
   assert max(np.abs(a - b).max() for a, b in zip(
       jax.tree.leaves(fresh.params), jax.tree.leaves(reference.params))) > 1e-3
@@ -161,9 +109,9 @@ def test_ema_update_and_decay_follow_the_formula():
   config = tiny_config()
   config.ema.update(dict(decay=0.9, warmup=False))
   mesh = Mesh(np.asarray(jax.devices()), (parallel.AXIS,))
-  state, step = _setup(config, mesh)
+  state, step = setup(config, mesh)
   before = jax.device_get(state)
-  after, metrics = step(state, parallel.shard_batch(_batch(), mesh))
+  after, metrics = step(state, parallel.shard_batch(batch(), mesh))
   after = jax.device_get(after)
   assert metrics["ema_decay"] == pytest.approx(0.9)
   for name in ("NFNet/~/nf_block_1/~/conv1", "NFNet/~/linear"):
@@ -207,194 +155,6 @@ def test_weight_decay_skips_gains_and_biases():
   for leaf in (updates["m/~/conv"]["gain"], updates["m/~/conv"]["bias"],
                updates["m"]["skip_gain"]):
     np.testing.assert_array_equal(leaf, 0.0)
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  """A finished tiny run (train_eval) and its results; copy it to change it."""
-  workdir = tmp_path_factory.mktemp("trained") / "run"
-  results = loop.train_and_evaluate(tiny_config(), str(workdir), "train_eval")
-  return workdir, results
-
-
-def _copy_run(trained, tmp_path):
-  workdir = tmp_path / "run"
-  shutil.copytree(trained[0], workdir)
-  return workdir
-
-
-def test_train_eval_end_to_end_writes_metrics_and_checkpoints(trained,
-                                                              tmp_path):
-  config = tiny_config()
-  results = trained[1]
-  tmp_path = _copy_run(trained, tmp_path)
-  assert 0.0 <= results["eval_ema_top1"] <= 1.0
-  assert results["eval_examples"] == 359
-  assert sorted(os.listdir(tmp_path / "checkpoints"))[:2] == ["3", "6"]
-  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-  assert any('"agc_clipped_fraction"' in line for line in lines)
-  assert any('"eval_ema_top5"' in line for line in lines)
-  # Resuming a finished run trains no further and evaluates the same state.
-  again = loop.train_and_evaluate(config, str(tmp_path), "eval")
-  assert again["eval_ema_top1"] == results["eval_ema_top1"]
-
-
-def test_truncated_latest_checkpoint_falls_back_to_previous(trained, tmp_path,
-                                                            caplog):
-  config = tiny_config()
-  tmp_path = _copy_run(trained, tmp_path)
-  # Truncate every data file of the newest checkpoint.
-  latest = tmp_path / "checkpoints" / "6" / "state"
-  truncated = 0
-  for root, _, files in os.walk(latest):
-    for f in files:
-      path = os.path.join(root, f)
-      if os.path.getsize(path) > 16:
-        with open(path, "r+b") as fh:
-          fh.truncate(os.path.getsize(path) // 2)
-        truncated += 1
-  assert truncated
-  with caplog.at_level("WARNING"):
-    restored, data_state = _restore_latest(config, tmp_path)
-  assert int(restored.step) == 3
-  assert data_state == {"epoch": 0, "batch": 3}
-  assert "step 6" in caplog.text and "unreadable" in caplog.text
-  # Resumed, the run trains step 6 again and replaces the unreadable one.
-  loop.train_and_evaluate(config, str(tmp_path), "train")
-  caplog.clear()
-  with caplog.at_level("WARNING"):
-    restored, data_state = _restore_latest(config, tmp_path)
-  assert int(restored.step) == 6 and "unreadable" not in caplog.text
-
-
-def test_a_changed_config_is_an_error_not_a_fresh_start(trained, tmp_path):
-  tmp_path = _copy_run(trained, tmp_path)
-  folder = tmp_path / "checkpoints"
-  before = {p: os.path.getmtime(p) for p in folder.rglob("*")}
-  for mode in ("train", "eval"):
-    with pytest.raises(ValueError, match=r"checkpoint at step 6 .* holds "
-                       r"another model or optimizer .*opt_state"):
-      loop.train_and_evaluate(tiny_config(**{"optimizer.name": "adamw"}),
-                              str(tmp_path), mode)
-  with pytest.raises(ValueError, match=r"final_conv/bias has shape \[384\] "
-                     r"in the checkpoint, \[768\] here"):
-    loop.train_and_evaluate(
-        tiny_config(**{"model.kwargs": dict(tiny_config().model.kwargs,
-                                            width_multiplier=0.25)}),
-        str(tmp_path), "train")
-  assert {p: os.path.getmtime(p) for p in folder.rglob("*")} == before
-
-
-@pytest.mark.parametrize("overrides,message", [
-    ({"batch_size": 36}, "not divisible by the 8 devices"),
-    ({"model.name": "nfnet_f9"}, "unknown model 'nfnet_f9'"),
-    ({"optimizer.name": "adagrad"}, "unknown optimizer"),
-    ({"precision": "float16"}, "unknown precision"),
-    ({"dataset.name": "imagenet_1k"}, "unknown dataset 'imagenet_1k'"),
-    ({"dataset.name": "mnist"}, "dataset.data_dir is required for mnist"),
-    ({"init_from": "/nonexistent/ckpt"}, "does not exist"),
-    ({"dataset.image_size": 16}, "smaller than the network's total stride"),
-    ({"num_steps": -5}, "num_steps and num_epochs must be >= 0"),
-    ({"optimizer.warmup_epochs": -3.0}, "warmup_epochs must be >= 0"),
-    ({"optimizer.momentum": 1.5}, r"momentum must be in \[0, 1\)"),
-    ({"optimizer.b2": 1.0}, r"b1 and b2 must be in \[0, 1\)"),
-])
-def test_bad_config_is_a_clear_error_and_writes_nothing(tmp_path, overrides,
-                                                        message):
-  workdir = tmp_path / "run"
-  with pytest.raises(ValueError, match=message):
-    loop.train_and_evaluate(tiny_config(**overrides), str(workdir))
-  assert not workdir.exists()
-
-
-def test_unwritable_workdir_is_a_clear_error(tmp_path):
-  blocker = tmp_path / "file"
-  blocker.write_text("not a directory")
-  with pytest.raises(ValueError, match="cannot create workdir"):
-    loop.train_and_evaluate(tiny_config(), str(blocker / "run"))
-
-
-def test_init_from_wrong_model_names_the_module(trained, tmp_path):
-  shutil.copytree(trained[0], tmp_path / "a")
-  wider = tiny_config(init_from=str(tmp_path / "a"))
-  wider.model.kwargs = dict(wider.model.kwargs, width_multiplier=0.25)
-  with pytest.raises(ValueError, match="does not fit the model: module"):
-    loop.train_and_evaluate(wider, str(tmp_path / "b"))
-  assert not (tmp_path / "b" / "checkpoints").exists() or not os.listdir(
-      tmp_path / "b" / "checkpoints")
-  # The same model initialises from it and starts at step 0 with its weights.
-  same = tiny_config(init_from=str(tmp_path / "a"), num_steps=3)
-  results = loop.train_and_evaluate(same, str(tmp_path / "c"), "eval")
-  first = loop.train_and_evaluate(tiny_config(), str(tmp_path / "a"),
-                                  "eval")
-  assert results["eval_top1"] == first["eval_top1"]
-
-
-def test_init_from_a_batch_norm_run_carries_its_statistics(tmp_path):
-  """Evaluating a ResNet run through init_from equals evaluating the run."""
-  config = resnet_config.get_config("depth=26,smoke=True")
-  config.update(dict(num_steps=4, batch_size=32, eval_batch_size=40,
-                     log_every_steps=2))
-  config.checkpoint.update(dict(every_steps=2, async_save=False))
-  loop.train_and_evaluate(config, str(tmp_path / "a"), "train")
-  # The state keeps its types through the step (batch norm's int counter).
-  saved = checkpoint.read_params(str(tmp_path / "a"))["model_state"]
-  counters = [v for m in saved.values() for k, v in m.items() if k == "counter"]
-  assert counters and all(c.dtype == np.int32 for c in counters)
-  own = loop.train_and_evaluate(config, str(tmp_path / "a"), "eval")
-  config.init_from = str(tmp_path / "a")
-  via = loop.train_and_evaluate(config, str(tmp_path / "b"), "eval")
-  for key in ("eval_top1", "eval_loss", "eval_ema_top1", "eval_ema_loss"):
-    assert via[key] == own[key], key
-
-
-def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_state(
-    tmp_path):
-  config = tiny_config(num_steps=12)
-  config.optimizer.update(dict(base_lr=1e30, agc_clipping=0.0))
-  with pytest.raises(loop.NonFiniteLossError,
-                     match=r"NaN/inf at step \d+.*last good state"):
-    loop.train_and_evaluate(config, str(tmp_path))
-  loaded = checkpoint.read_params(str(tmp_path))
-  for leaf in jax.tree.leaves(loaded["params"]):
-    assert np.all(np.isfinite(leaf))
-  # Saved with the data position it was trained to, not the failing step's.
-  restored, data_state = _restore_latest(config, tmp_path)
-  good = int(restored.step)
-  assert good < 12 and data_state == {"epoch": 0, "batch": good}
-
-
-class _PoisonedIterator:
-  """The training iterator with NaN images in its `bad`-th batch (from 1)."""
-
-  def __init__(self, iterator, bad):
-    self.iterator, self.bad, self.count = iterator, bad, 0
-    self.steps_per_epoch = iterator.steps_per_epoch
-    self.get_state, self.set_state = iterator.get_state, iterator.set_state
-
-  def __next__(self):
-    batch = dict(next(self.iterator))
-    self.count += 1
-    if self.count == self.bad:
-      batch["images"] = np.full_like(batch["images"], np.nan)
-    return batch
-
-
-def test_a_run_stopped_by_a_nan_batch_resumes_and_finishes(tmp_path,
-                                                            monkeypatch):
-  make_iterator = loop.data.train_iterator
-  monkeypatch.setattr(loop.data, "train_iterator",
-                      lambda config: _PoisonedIterator(make_iterator(config),
-                                                       bad=5))
-  with pytest.raises(loop.NonFiniteLossError, match="NaN/inf at step 4"):
-    loop.train_and_evaluate(tiny_config(num_steps=9), str(tmp_path))
-  restored, _ = _restore_latest(tiny_config(), tmp_path)
-  assert int(restored.step) == 4 and int(restored.nonfinite_step) == -1
-  monkeypatch.setattr(loop.data, "train_iterator", make_iterator)
-  results = loop.train_and_evaluate(tiny_config(num_steps=9),
-                                    str(tmp_path))
-  assert "eval_top1" in results and np.isfinite(results["loss"])
-  assert int(_restore_latest(tiny_config(), tmp_path)[0].step) == 9
 
 
 @pytest.mark.parametrize("name", ["adamw", "lamb"])

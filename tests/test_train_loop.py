@@ -1,0 +1,203 @@
+"""The training loop end to end: checkpoints, init_from, NaN, bad input."""
+
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from nfnets.training import checkpoint
+from nfnets.training import loop
+
+from train_helpers import restore_latest  # pylint: disable=g-bad-import-order
+from train_helpers import tiny_config  # pylint: disable=g-bad-import-order
+import configs.resnet as resnet_config  # pylint: disable=g-bad-import-order
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A finished tiny run (train_eval) and its results; copy it to change it."""
+  workdir = tmp_path_factory.mktemp("trained") / "run"
+  results = loop.train_and_evaluate(tiny_config(), str(workdir), "train_eval")
+  return workdir, results
+
+
+def _copy_run(trained, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(trained[0], workdir)
+  return workdir
+
+
+def test_train_eval_end_to_end_writes_metrics_and_checkpoints(trained,
+                                                              tmp_path):
+  config = tiny_config()
+  results = trained[1]
+  tmp_path = _copy_run(trained, tmp_path)
+  assert 0.0 <= results["eval_ema_top1"] <= 1.0
+  assert results["eval_examples"] == 359
+  assert sorted(os.listdir(tmp_path / "checkpoints"))[:2] == ["3", "6"]
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  assert any('"agc_clipped_fraction"' in line for line in lines)
+  assert any('"eval_ema_top5"' in line for line in lines)
+  # Resuming a finished run trains no further and evaluates the same state.
+  again = loop.train_and_evaluate(config, str(tmp_path), "eval")
+  assert again["eval_ema_top1"] == results["eval_ema_top1"]
+
+
+def test_truncated_latest_checkpoint_falls_back_to_previous(trained, tmp_path,
+                                                            caplog):
+  config = tiny_config()
+  tmp_path = _copy_run(trained, tmp_path)
+  # Truncate every data file of the newest checkpoint.
+  latest = tmp_path / "checkpoints" / "6" / "state"
+  truncated = 0
+  for root, _, files in os.walk(latest):
+    for f in files:
+      path = os.path.join(root, f)
+      if os.path.getsize(path) > 16:
+        with open(path, "r+b") as fh:
+          fh.truncate(os.path.getsize(path) // 2)
+        truncated += 1
+  assert truncated
+  with caplog.at_level("WARNING"):
+    restored, data_state = restore_latest(config, tmp_path)
+  assert int(restored.step) == 3
+  assert data_state == {"epoch": 0, "batch": 3}
+  assert "step 6" in caplog.text and "unreadable" in caplog.text
+  # Resumed, the run trains step 6 again and replaces the unreadable one.
+  loop.train_and_evaluate(config, str(tmp_path), "train")
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    restored, data_state = restore_latest(config, tmp_path)
+  assert int(restored.step) == 6 and "unreadable" not in caplog.text
+
+
+def test_a_changed_config_is_an_error_not_a_fresh_start(trained, tmp_path):
+  tmp_path = _copy_run(trained, tmp_path)
+  folder = tmp_path / "checkpoints"
+  before = {p: os.path.getmtime(p) for p in folder.rglob("*")}
+  for mode in ("train", "eval"):
+    with pytest.raises(ValueError, match=r"checkpoint at step 6 .* holds "
+                       r"another model or optimizer .*opt_state"):
+      loop.train_and_evaluate(tiny_config(**{"optimizer.name": "adamw"}),
+                              str(tmp_path), mode)
+  with pytest.raises(ValueError, match=r"final_conv/bias has shape \[384\] "
+                     r"in the checkpoint, \[768\] here"):
+    loop.train_and_evaluate(
+        tiny_config(**{"model.kwargs": dict(tiny_config().model.kwargs,
+                                            width_multiplier=0.25)}),
+        str(tmp_path), "train")
+  assert {p: os.path.getmtime(p) for p in folder.rglob("*")} == before
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"batch_size": 36}, "not divisible by the 8 devices"),
+    ({"model.name": "nfnet_f9"}, "unknown model 'nfnet_f9'"),
+    ({"optimizer.name": "adagrad"}, "unknown optimizer"),
+    ({"precision": "float16"}, "unknown precision"),
+    ({"dataset.name": "imagenet_1k"}, "unknown dataset 'imagenet_1k'"),
+    ({"dataset.name": "mnist"}, "dataset.data_dir is required for mnist"),
+    ({"init_from": "/nonexistent/ckpt"}, "does not exist"),
+    ({"dataset.image_size": 16}, "smaller than the network's total stride"),
+    ({"num_steps": -5}, "num_steps and num_epochs must be >= 0"),
+    ({"optimizer.warmup_epochs": -3.0}, "warmup_epochs must be >= 0"),
+    ({"optimizer.momentum": 1.5}, r"momentum must be in \[0, 1\)"),
+    ({"optimizer.b2": 1.0}, r"b1 and b2 must be in \[0, 1\)"),
+])
+def test_bad_config_is_a_clear_error_and_writes_nothing(tmp_path, overrides,
+                                                        message):
+  workdir = tmp_path / "run"
+  with pytest.raises(ValueError, match=message):
+    loop.train_and_evaluate(tiny_config(**overrides), str(workdir))
+  assert not workdir.exists()
+
+
+def test_unwritable_workdir_is_a_clear_error(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("not a directory")
+  with pytest.raises(ValueError, match="cannot create workdir"):
+    loop.train_and_evaluate(tiny_config(), str(blocker / "run"))
+
+
+def test_init_from_wrong_model_names_the_module(trained, tmp_path):
+  shutil.copytree(trained[0], tmp_path / "a")
+  wider = tiny_config(init_from=str(tmp_path / "a"))
+  wider.model.kwargs = dict(wider.model.kwargs, width_multiplier=0.25)
+  with pytest.raises(ValueError, match="does not fit the model: module"):
+    loop.train_and_evaluate(wider, str(tmp_path / "b"))
+  assert not (tmp_path / "b" / "checkpoints").exists() or not os.listdir(
+      tmp_path / "b" / "checkpoints")
+  # The same model initialises from it and starts at step 0 with its weights.
+  same = tiny_config(init_from=str(tmp_path / "a"), num_steps=3)
+  results = loop.train_and_evaluate(same, str(tmp_path / "c"), "eval")
+  first = loop.train_and_evaluate(tiny_config(), str(tmp_path / "a"),
+                                  "eval")
+  assert results["eval_top1"] == first["eval_top1"]
+
+
+def test_init_from_a_batch_norm_run_carries_its_statistics(tmp_path):
+  """Evaluating a ResNet run through init_from equals evaluating the run."""
+  config = resnet_config.get_config("depth=26,smoke=True")
+  config.update(dict(num_steps=4, batch_size=32, eval_batch_size=40,
+                     log_every_steps=2))
+  config.checkpoint.update(dict(every_steps=2, async_save=False))
+  loop.train_and_evaluate(config, str(tmp_path / "a"), "train")
+  # The state keeps its types through the step (batch norm's int counter).
+  saved = checkpoint.read_params(str(tmp_path / "a"))["model_state"]
+  counters = [v for m in saved.values() for k, v in m.items() if k == "counter"]
+  assert counters and all(c.dtype == np.int32 for c in counters)
+  own = loop.train_and_evaluate(config, str(tmp_path / "a"), "eval")
+  config.init_from = str(tmp_path / "a")
+  via = loop.train_and_evaluate(config, str(tmp_path / "b"), "eval")
+  for key in ("eval_top1", "eval_loss", "eval_ema_top1", "eval_ema_loss"):
+    assert via[key] == own[key], key
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_state(
+    tmp_path):
+  config = tiny_config(num_steps=12)
+  config.optimizer.update(dict(base_lr=1e30, agc_clipping=0.0))
+  with pytest.raises(loop.NonFiniteLossError,
+                     match=r"NaN/inf at step \d+.*last good state"):
+    loop.train_and_evaluate(config, str(tmp_path))
+  loaded = checkpoint.read_params(str(tmp_path))
+  for leaf in jax.tree.leaves(loaded["params"]):
+    assert np.all(np.isfinite(leaf))
+  # Saved with the data position it was trained to, not the failing step's.
+  restored, data_state = restore_latest(config, tmp_path)
+  good = int(restored.step)
+  assert good < 12 and data_state == {"epoch": 0, "batch": good}
+
+
+class _PoisonedIterator:
+  """The training iterator with NaN images in its `bad`-th batch (from 1)."""
+
+  def __init__(self, iterator, bad):
+    self.iterator, self.bad, self.count = iterator, bad, 0
+    self.steps_per_epoch = iterator.steps_per_epoch
+    self.get_state, self.set_state = iterator.get_state, iterator.set_state
+
+  def __next__(self):
+    batch = dict(next(self.iterator))
+    self.count += 1
+    if self.count == self.bad:
+      batch["images"] = np.full_like(batch["images"], np.nan)
+    return batch
+
+
+def test_a_run_stopped_by_a_nan_batch_resumes_and_finishes(tmp_path,
+                                                            monkeypatch):
+  make_iterator = loop.data.train_iterator
+  monkeypatch.setattr(loop.data, "train_iterator",
+                      lambda config: _PoisonedIterator(make_iterator(config),
+                                                       bad=5))
+  with pytest.raises(loop.NonFiniteLossError, match="NaN/inf at step 4"):
+    loop.train_and_evaluate(tiny_config(num_steps=9), str(tmp_path))
+  restored, _ = restore_latest(tiny_config(), tmp_path)
+  assert int(restored.step) == 4 and int(restored.nonfinite_step) == -1
+  monkeypatch.setattr(loop.data, "train_iterator", make_iterator)
+  results = loop.train_and_evaluate(tiny_config(num_steps=9),
+                                    str(tmp_path))
+  assert "eval_top1" in results and np.isfinite(results["loss"])
+  assert int(restore_latest(tiny_config(), tmp_path)[0].step) == 9

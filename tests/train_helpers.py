@@ -1,0 +1,65 @@
+"""The tiny trainer set-up shared by test_train.py and test_train_loop.py."""
+
+import jax
+from jax.sharding import Mesh
+import numpy as np
+
+from nfnets import models
+from nfnets.data import digits
+from nfnets.training import checkpoint
+from nfnets.training import optim
+from nfnets.training import parallel
+from nfnets.training import steps
+
+import configs.digits as digits_config  # pylint: disable=g-bad-import-order
+
+
+def tiny_config(**overrides):
+  """The digits config, shortened; overrides as dotted keys."""
+  c = digits_config.get_config()
+  c.optimizer.warmup_epochs = 0.0
+  c.model.kwargs = dict(c.model.kwargs, depths=(1, 1, 1, 1))
+  c.batch_size = 32
+  c.eval_batch_size = 40
+  c.num_steps = 6
+  c.checkpoint.every_steps = 3
+  c.checkpoint.async_save = False
+  c.log_every_steps = 3
+  for key, value in overrides.items():
+    node = c
+    *path, leaf = key.split(".")
+    for part in path:
+      node = node[part]
+    node[leaf] = value
+  return c
+
+
+def setup(config, mesh):
+  model = models.build_model(config.model.name, num_classes=10,
+                             **config.model.kwargs)
+  schedule = optim.learning_rate_schedule(config, 100, 10)
+  optimizer = optim.make_optimizer(config, schedule)
+  state = steps.make_init(model, optimizer, (32, 32, 3), mesh)(
+      jax.random.PRNGKey(0))
+  step = steps.make_train_step(model, optimizer, schedule, config, mesh)
+  return state, step
+
+
+def restore_latest(config, workdir):
+  """(state, data_state) of the newest readable checkpoint in `workdir`."""
+  mesh = Mesh(np.asarray(jax.devices()), (parallel.AXIS,))
+  state, _ = setup(config, mesh)
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                     sharding=parallel.replicated_sharding(
+                                         mesh)), state)
+  ckpt = checkpoint.Checkpointer(str(workdir / "checkpoints"), 3, False)
+  try:
+    return ckpt.restore_latest(abstract)
+  finally:
+    ckpt.close()
+
+
+def batch(n=32):
+  images, labels = digits.load_digits("train")
+  return {"images": images[:n], "labels": labels[:n]}
