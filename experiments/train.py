@@ -74,15 +74,9 @@ def _unknown_override(argv) -> str | None:
   if not paths:
     return None
   try:
-    # The config as its file builds it, without the overrides: a separate
-    # flag, so that the one being reported stays as it is.
-    flag_values = flags.FlagValues()
-    holder = config_flags.DEFINE_config_file(
-        "config", _config_file(argv), flag_values=flag_values,
-        sys_argv=argv[:1])
-    flag_values(argv[:1])
-    config = holder.value
-  except Exception:  # pylint: disable=broad-except
+    # The config as its file builds it, without the overrides.
+    config = load_config([argv[0], f"--config={_config_file(argv)}"])
+  except ValueError:
     return None
   for path in paths:
     message = experiment_config.missing_key(config, path)

@@ -89,11 +89,17 @@ def clip_unitwise(
   if grad.shape != param.shape:
     raise ValueError(
         f"grad and param shapes differ: {grad.shape} vs {param.shape}.")
+  clipped, clip = _clip_leaf(grad, param, clipping, eps)
+  return clipped, jnp.sum(clip, dtype=jnp.int32), int(clip.size)
+
+
+def _clip_leaf(grad: jax.Array, param: jax.Array, clipping: float,
+               eps: float) -> tuple[jax.Array, jax.Array]:
+  """One leaf's clipped grad and its per-unit clip flags."""
   g_norm, p_norm = (jnp.sqrt(n)
                     for n in norms.unit_sum_squares([grad, param]))
   max_norm, clip = _limits(g_norm, p_norm, clipping, eps)
-  return (_clip(grad, g_norm, max_norm, clip),
-          jnp.sum(clip, dtype=jnp.int32), int(g_norm.size))
+  return _clip(grad, g_norm, max_norm, clip), clip
 
 
 def _limits(g_norm: jax.Array, p_norm: jax.Array, clipping: float,
@@ -207,10 +213,7 @@ def _clip_per_leaf(grads, params, clipped, clipping, eps):
   """
   new_grads, flags = list(grads), []
   for i in clipped:
-    g_norm, p_norm = (jnp.sqrt(n) for n in norms.unit_sum_squares(
-        [grads[i], params[i]]))
-    max_norm, clip = _limits(g_norm, p_norm, clipping, eps)
-    new_grads[i] = _clip(grads[i], g_norm, max_norm, clip)
+    new_grads[i], clip = _clip_leaf(grads[i], params[i], clipping, eps)
     flags.append(jnp.ravel(clip))
   return new_grads, flags
 
