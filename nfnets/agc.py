@@ -7,8 +7,8 @@ the matching parameter unit never exceeds a threshold `clipping`.
 
 `optax.adaptive_grad_clip` computes the same clip, but this version is its own
 `GradientTransformation` so that it can (a) compute norms in float32 even for
-bfloat16 grads/params, (b) skip leaves via a mask (the paper does not clip the
-final classifier layer), and (c) report the fraction of clipped units in its
+bfloat16 grads/params, (b) skip leaves via a mask (the released code does not
+clip the final classifier's weight), and (c) report the fraction of clipped units in its
 state for logging. With the fast paths on (`nfnets.ops.switch`), the norms of
 same-shaped leaves are reduced together (`nfnets.ops.norms`); off, each leaf
 is clipped on its own, the same values.
@@ -151,7 +151,8 @@ def adaptive_grad_clip(
       structure of params (or a prefix of it), or a callable mapping params to
       such a pytree, as `optax.masked` accepts. Leaves marked False pass
       through untouched and are not counted in the clipped fraction; use
-      `classifier_mask` to exclude the final classifier as in the paper.
+      `classifier_mask` to exclude the final classifier's weight as the
+      released code does.
 
   Returns:
     An `optax.GradientTransformation` whose `update` requires `params` and
@@ -276,10 +277,13 @@ def classifier_module(params: Mapping[str, Any],
 
 def classifier_mask(params: Mapping[str, Any],
                     classifier: str = "linear") -> Any:
-  """Builds an AGC mask that excludes the final classifier layer.
+  """Builds an AGC mask that excludes the final classifier's weight.
 
   Brock et al. 2021, Sec. 4.1, find it best not to clip the final linear
-  layer; `classifier_module` says which module that is.
+  layer. The released code (`experiment_nfnets.py`, `_make_opt`) excludes
+  its weight only: the classifier's bias sits with the gains and biases,
+  which are clipped (and not decayed). `classifier_module` says which module
+  the classifier is.
 
   Args:
     params: Haiku params mapping from module path to that module's params.
@@ -287,11 +291,11 @@ def classifier_mask(params: Mapping[str, Any],
 
   Returns:
     A pytree with the structure of `params`: False for the classifier's
-    leaves, True for every other leaf.
+    weight `w`, True for every other leaf (its bias included).
 
   Raises:
     ValueError: if `params` is not a mapping or no module matches.
   """
   head = classifier_module(params, classifier)
   return jax.tree_util.tree_map_with_path(
-      lambda kp, _: kp[0].key != head, params)
+      lambda kp, _: not (kp[0].key == head and kp[1].key == "w"), params)

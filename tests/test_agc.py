@@ -155,25 +155,28 @@ def _haiku_tree(huge=1e4):
 
 
 @pytest.mark.parametrize("precompute", [True, False])
-def test_classifier_mask_skips_only_the_classifier(precompute):
+def test_classifier_mask_skips_only_the_classifier_weight(precompute):
+  # As the released code's `_make_opt`: the classifier's weight is not
+  # clipped, its bias is (it is in the gains-and-biases group).
   params, grads = _haiku_tree()
   mask = agc.classifier_mask(params) if precompute else agc.classifier_mask
   new_grads, state = _apply(grads, params, mask=mask)
-  for k in ("w", "b"):
-    np.testing.assert_array_equal(new_grads["NFNet/~/linear"][k],
-                                  grads["NFNet/~/linear"][k])
-    for m in ("NFNet/~/nf_block/~/squeeze_excite/~/linear",
-              "NFNet/~/stem_conv0"):
-      ref, _ = _np_agc(grads[m][k], params[m][k])
-      np.testing.assert_allclose(new_grads[m][k], ref, rtol=1e-6)
-  # Every masked-in unit is clipped; the classifier's are not counted.
+  np.testing.assert_array_equal(new_grads["NFNet/~/linear"]["w"],
+                                grads["NFNet/~/linear"]["w"])
+  for m, k in (("NFNet/~/linear", "b"),
+               ("NFNet/~/nf_block/~/squeeze_excite/~/linear", "w"),
+               ("NFNet/~/nf_block/~/squeeze_excite/~/linear", "b"),
+               ("NFNet/~/stem_conv0", "w"), ("NFNet/~/stem_conv0", "b")):
+    ref, _ = _np_agc(grads[m][k], params[m][k])
+    np.testing.assert_allclose(new_grads[m][k], ref, rtol=1e-6)
+  # Every masked-in unit is clipped; the classifier weight's are not counted.
   assert float(state.clipped_fraction) == 1.0
 
 
 def test_classifier_mask_values_and_errors():
   params, _ = _haiku_tree()
   mask = agc.classifier_mask(params)
-  assert mask["NFNet/~/linear"] == {"w": False, "b": False}
+  assert mask["NFNet/~/linear"] == {"w": False, "b": True}
   assert all(jax.tree.leaves(
       mask["NFNet/~/nf_block/~/squeeze_excite/~/linear"]))
   with pytest.raises(ValueError, match="stem_conv0"):

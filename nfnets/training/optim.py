@@ -55,7 +55,7 @@ def weight_decay_mask(params: Mapping[str, Mapping[str, Any]]) -> Any:
 
 def make_optimizer(config: ml_collections.ConfigDict,
                    schedule: optax.Schedule) -> optax.GradientTransformation:
-  """Builds AGC (classifier excluded) + weight decay + the chosen optimizer.
+  """Builds AGC (not on the classifier weight) + weight decay + the optimizer.
 
   Args:
     config: the experiment config; reads `optimizer.*`.
