@@ -55,7 +55,7 @@ def predict(model_name, weights, paths, image_size=None, precision="float32",
   if top_k < 1 or (image_size is not None and image_size < 1):
     raise ValueError("top_k and image_size must be positive")
   loaded = checkpoint.load_weights(weights)
-  params, model_state = loaded["ema_params"], loaded["model_state"]
+  params, model_state = loaded["ema_params"], loaded["ema_model_state"]
   try:
     head = agc.classifier_module(params)
   except ValueError as e:

@@ -175,7 +175,7 @@ class _PoisonedIterator:
 
   def __init__(self, iterator, bad):
     self.iterator, self.bad, self.count = iterator, bad, 0
-    self.steps_per_epoch = iterator.steps_per_epoch
+    self.num_examples = iterator.num_examples
     self.get_state, self.set_state = iterator.get_state, iterator.set_state
 
   def __next__(self):

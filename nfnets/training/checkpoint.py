@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -55,7 +56,9 @@ class Checkpointer:
     tried, so one bad write never costs more than one save interval; the
     run's next save of that step replaces it. A readable checkpoint of a
     differently shaped state (another model or optimizer) is an error, so
-    that a changed config never restarts over, and deletes, another run.
+    that a changed config never restarts over, and deletes, another run. A
+    checkpoint from before a field of `ADDED_FIELDS` existed restores with
+    that field filled from its source field.
 
     Args:
       abstract_state: the TrainState's shapes, dtypes and shardings.
@@ -66,17 +69,26 @@ class Checkpointer:
     Raises:
       ValueError: if a readable checkpoint holds a different state.
     """
-    expected = _signature(abstract_state)
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
-        saved = _signature(self.manager.item_metadata(step)["state"])
+        metadata = self.manager.item_metadata(step)["state"]
+        added = _added_fields(metadata, abstract_state)
+        target = abstract_state
+        if added:
+          target = {k: v for k, v in abstract_state._asdict().items()
+                    if k not in added}
+        saved = _signature(metadata)
         # (No metadata to compare: the restore below checks the state.)
-        difference = _first_difference(saved, expected) if saved else None
+        difference = (_first_difference(saved, _signature(target)) if saved
+                      else None)
         if difference is None:
           restored = self.manager.restore(step, args=ocp.args.Composite(
-              state=ocp.args.StandardRestore(abstract_state),
+              state=ocp.args.StandardRestore(target),
               data=ocp.args.JsonRestore()))
-          return restored.state, dict(restored.data)
+          state = restored.state
+          if added:
+            state = _migrate(state, added, type(abstract_state), step)
+          return state, dict(restored.data)
       except Exception as e:  # pylint: disable=broad-except
         logging.warning("checkpoint at step %d in %s is unreadable (%s: %s);"
                         " trying the previous one", step, self.directory,
@@ -96,6 +108,35 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+# Fields the TrainState gained after checkpoints were first written, each with
+# the field an older checkpoint fills it from: the EMA of the model state
+# starts as the model state itself (as it does at initialisation).
+ADDED_FIELDS = {"ema_model_state": "model_state"}
+
+
+def _added_fields(metadata: Any, abstract_state: Any) -> tuple[str, ...]:
+  """The `ADDED_FIELDS` of `abstract_state` that a checkpoint predates."""
+  metadata = getattr(metadata, "item_metadata", metadata)
+  if not hasattr(abstract_state, "_fields") or not hasattr(metadata, "keys"):
+    return ()
+  saved = set(metadata.keys())
+  return tuple(f for f in ADDED_FIELDS
+               if f in abstract_state._fields and f not in saved)
+
+
+def _migrate(restored: dict, added: tuple[str, ...], state_type: type,
+             step: int) -> Any:
+  """An older checkpoint's fields as a `state_type`, the added ones filled."""
+  for field in added:
+    source = ADDED_FIELDS[field]
+    logging.info("the checkpoint at step %d predates %s; it starts as %s",
+                 step, field, source)
+    # A copy: the train step donates its state, and one buffer may not be
+    # donated twice.
+    restored[field] = jax.tree.map(jnp.copy, restored[source])
+  return state_type(**restored)
 
 
 def _signature(tree: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
@@ -127,7 +168,7 @@ def _first_difference(saved: dict, expected: dict) -> Optional[str]:
 
 
 def load_weights(path: str) -> dict[str, Any]:
-  """`params`, `ema_params` and `model_state` from a run or a weights file.
+  """The weights and model state (raw and EMA) of a run or a weights file.
 
   Args:
     path: a run's workdir, checkpoints folder or step folder (see
@@ -136,25 +177,27 @@ def load_weights(path: str) -> dict[str, Any]:
       and which hold no model state.
 
   Returns:
-    {'params': tree, 'ema_params': tree, 'model_state': tree} of numpy
-    arrays (`model_state`, e.g. batch-norm statistics, may be empty).
+    {'params', 'ema_params', 'model_state', 'ema_model_state'}: trees of
+    numpy arrays (the model states, e.g. batch-norm statistics, may be
+    empty).
   """
   if os.path.isfile(path):
     params = released_weights.load(path)
-    return {"params": params, "ema_params": params, "model_state": {}}
+    return {"params": params, "ema_params": params, "model_state": {},
+            "ema_model_state": {}}
   return read_params(path)
 
 
 def read_params(path: str) -> dict[str, Any]:
-  """Reads the `params`, `ema_params` and `model_state` of a checkpoint.
+  """Reads the weights and model state (raw and EMA) of a checkpoint.
 
   Args:
     path: a run's workdir, its `checkpoints` folder (the latest step is
       used) or one step's folder.
 
   Returns:
-    {'params': tree, 'ema_params': tree, 'model_state': tree} of numpy
-    arrays.
+    {'params', 'ema_params', 'model_state', 'ema_model_state'}: trees of
+    numpy arrays.
 
   Raises:
     ValueError: if no checkpoint is found at `path`.
@@ -186,5 +229,8 @@ def _read_state_params(state_dir: str) -> dict[str, Any]:
     tree = ckptr.restore(state_dir, target)
   # Restored against numpy targets: a dict of host arrays, the TrainState's
   # fields by name.
+  model_state = tree.get("model_state") or {}
   return {"params": tree["params"], "ema_params": tree["ema_params"],
-          "model_state": tree.get("model_state") or {}}
+          "model_state": model_state,
+          # (Checkpoints from before the EMA of the model state have none.)
+          "ema_model_state": tree.get("ema_model_state") or model_state}

@@ -123,6 +123,10 @@ def base_config() -> ml_collections.ConfigDict:
       eval_resize="squash"))
   c.model = model_config("nfnet_f0")
   c.batch_size = 4096
+  # Micro-batches per step: each device's slice of `batch_size` is split in
+  # this many parts whose gradients are averaged before one optimizer step
+  # (the recipe's batch 4096 on devices that hold less; `steps.py`).
+  c.accumulation_steps = 1
   c.eval_batch_size = 1024
   c.num_epochs = 360.0
   c.num_steps = 0  # > 0 overrides num_epochs
@@ -140,6 +144,8 @@ def base_config() -> ml_collections.ConfigDict:
   # random initial weights.
   c.ema = ml_collections.ConfigDict(dict(decay=0.99999, warmup=True))
   c.precision = "bfloat16"
+  # The released code evaluates in float32 (it casts to bfloat16 to train).
+  c.eval_precision = "float32"
   # The fast paths of `nfnets.ops` (polyphase conv gradient, closed-form WS
   # gradient, recomputed activations, grouped norms, gradient layout); False
   # traces the steps with their plain twins: the same values, for timing
@@ -277,9 +283,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(config.optimizer.sam_rho >= 0, "optimizer.sam_rho must be >= 0")
   need(0 <= config.label_smoothing < 1, "label_smoothing must be in [0, 1)")
   need(0 <= config.ema.decay < 1, "ema.decay must be in [0, 1)")
-  need(config.precision in PRECISIONS,
-       f"unknown precision {config.precision!r}; valid: "
-       f"{', '.join(PRECISIONS)}")
+  for key in ("precision", "eval_precision"):
+    need(config[key] in PRECISIONS,
+         f"unknown {key} {config[key]!r}; valid: {', '.join(PRECISIONS)}")
+  need(config.accumulation_steps >= 1, "accumulation_steps must be >= 1")
   need(config.checkpoint.every_steps > 0 and
        config.checkpoint.max_to_keep > 0,
        "checkpoint.every_steps and checkpoint.max_to_keep must be positive")

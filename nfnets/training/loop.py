@@ -7,7 +7,6 @@ non-finite loss stops the run after saving the last good state.
 """
 
 import json
-import math
 import os
 import signal
 import threading
@@ -64,7 +63,7 @@ def _load_init_from(path: str, abstract: steps.TrainState,
     fresh: a freshly initialised state (its classifier may be kept).
 
   Returns:
-    (params, ema_params, model_state) as host arrays.
+    (params, ema_params, model_state, ema_model_state) as host arrays.
   """
   loaded = checkpoint.load_weights(path)
   head = agc.classifier_module(abstract.params)
@@ -81,8 +80,9 @@ def _load_init_from(path: str, abstract: steps.TrainState,
     logging.warning("init_from %s holds no model state (e.g. batch-norm "
                     "statistics); the fresh one is kept", path)
     loaded["model_state"] = jax.device_get(fresh.model_state)
+    loaded["ema_model_state"] = loaded["model_state"]
   result = []
-  for key in ("params", "ema_params", "model_state"):
+  for key in ("params", "ema_params", "model_state", "ema_model_state"):
     released_weights.check_fits(loaded[key], getattr(abstract, key), source,
                                 skip)
     own = jax.device_get(getattr(fresh, key))
@@ -167,11 +167,10 @@ def _restore_or_init(config, ckpt, abstract, init_fn, train_iter, optimizer,
     return state
   if config.init_from:
     state = init_fn(jax.random.PRNGKey(config.seed))
-    params, ema_params, model_state = _load_init_from(config.init_from,
-                                                      abstract, state)
-    state = state._replace(params=parallel.replicate(params, mesh),
-                           ema_params=parallel.replicate(ema_params, mesh),
-                           model_state=parallel.replicate(model_state, mesh))
+    loaded = _load_init_from(config.init_from, abstract, state)
+    fields = ("params", "ema_params", "model_state", "ema_model_state")
+    state = state._replace(**{field: parallel.replicate(tree, mesh)
+                              for field, tree in zip(fields, loaded)})
     logging.info("initialised weights from %s", config.init_from)
     return state._replace(opt_state=jax.jit(optimizer.init)(state.params))
   if mode == "eval":
@@ -201,6 +200,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.batch_size, mesh, "batch_size")
   parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+  if config.batch_size // mesh.size % config.accumulation_steps:
+    raise ValueError(
+        f"batch_size {config.batch_size} on {mesh.size} devices is "
+        f"{config.batch_size // mesh.size} per device, not divisible into "
+        f"accumulation_steps={config.accumulation_steps} micro-batches")
   if config.init_from and not os.path.exists(config.init_from):
     raise ValueError(f"init_from: {config.init_from} does not exist")
   workdir = prepare_workdir(workdir)
@@ -211,9 +215,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # Evaluation reads no training data (an image folder's listing checks every
   # file); its schedule only shapes the optimizer state to restore into.
   train_iter = None if mode == "eval" else data.train_iterator(config)
-  steps_per_epoch = train_iter.steps_per_epoch if train_iter else 1
-  total_steps = config.num_steps or math.ceil(config.num_epochs *
-                                              steps_per_epoch)
+  num_examples = train_iter.num_examples if train_iter else config.batch_size
+  total_steps = optim.training_steps(config, num_examples)
+  steps_per_epoch = num_examples / config.batch_size
   schedule = optim.learning_rate_schedule(config, total_steps, steps_per_epoch)
   optimizer = optim.make_optimizer(config, schedule)
   image_shape = (config.dataset.image_size, config.dataset.image_size, 3)

@@ -2,13 +2,15 @@
 
 The NFNet ImageNet recipe (ICML 2021, Sec. 6 and App. C): SGD with Nesterov
 momentum 0.9, `lr = base_lr * batch_size / 256`, linear warmup from 0 then
-cosine decay to 0, weight decay on weights only, AGC on every layer but the
-final classifier. AdamW and LAMB are offered beside SGD.
+cosine decay to 0 (the released code's step count and schedule), weight decay
+on weights only, AGC on all but the final classifier's weight. AdamW and LAMB
+are offered beside SGD.
 """
 
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -17,26 +19,61 @@ from nfnets import agc
 OPTIMIZERS = ("sgd", "adamw", "lamb")
 
 
+def training_steps(config: ml_collections.ConfigDict,
+                   num_examples: int) -> int:
+  """The run's length in optimizer steps.
+
+  `num_steps` when set; else `num_examples * num_epochs // batch_size`, as
+  the released code counts (`experiment_nfnets.py`: 1281167 * 360 // 4096 =
+  112,602 steps for the NFNet recipe, where whole batches per epoch would
+  give 312 * 360 = 112,320).
+
+  Args:
+    config: the experiment config (`num_steps`, `num_epochs`, `batch_size`).
+    num_examples: the size of the training split.
+
+  Returns:
+    The number of steps, at least 1.
+  """
+  if config.num_steps:
+    return config.num_steps
+  return max(1, int(num_examples * config.num_epochs) // config.batch_size)
+
+
 def learning_rate_schedule(config: ml_collections.ConfigDict,
                            total_steps: int,
-                           steps_per_epoch: int) -> optax.Schedule:
+                           steps_per_epoch: float) -> optax.Schedule:
   """Linear warmup from 0 to the peak lr, then cosine decay to 0.
+
+  The released code's `WarmupCosineDecay`: the peak is `base_lr *
+  batch_size / 256`; the warmup lasts `warmup_epochs * steps_per_epoch`
+  steps, a fraction of a step included (5 epochs of ImageNet at batch 4096
+  are 1563.9 steps), and step t <= warmup gets `peak * t / warmup`; after
+  it, `peak * (1 + cos(pi * (t - warmup) / (total_steps - warmup))) / 2`.
+  A warmup of 0 starts at the peak.
 
   Args:
     config: the experiment config (`optimizer.base_lr`,
       `optimizer.warmup_epochs`, `batch_size`).
     total_steps: the length of training.
-    steps_per_epoch: converts warmup epochs to steps.
+    steps_per_epoch: training examples / batch size (not rounded).
 
   Returns:
-    step -> learning rate.
+    step -> learning rate (float32).
   """
   peak = config.optimizer.base_lr * config.batch_size / 256
-  warmup = min(int(round(config.optimizer.warmup_epochs * steps_per_epoch)),
-               max(total_steps - 1, 0))
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=peak, warmup_steps=warmup,
-      decay_steps=max(total_steps, warmup + 1), end_value=0.0)
+  warmup = config.optimizer.warmup_epochs * steps_per_epoch
+  # (Past total_steps the cosine is never read; the floor keeps it finite.)
+  decay_length = max(total_steps - warmup, 1e-6)
+
+  def schedule(step):
+    t = jnp.asarray(step, jnp.float32)
+    warm = peak * t / warmup if warmup > 0 else jnp.full_like(t, peak)
+    cosine = 0.5 * peak * (1.0 + jnp.cos(jnp.pi * (t - warmup) /
+                                         decay_length))
+    return jnp.where(t <= warmup, warm, cosine)
+
+  return schedule
 
 
 def weight_decay_mask(params: Mapping[str, Mapping[str, Any]]) -> Any:

@@ -35,9 +35,13 @@ from nfnets.training import parallel
 class TrainState(NamedTuple):
   """Everything a run needs to continue exactly; replicated on all devices.
 
-  `nonfinite_step` is -1 until a step produces a non-finite loss or gradient;
-  that step's update is dropped and every later step leaves the state as it
-  is, so the last good state can be saved without a per-step host sync.
+  `ema_params` and `ema_model_state` are exponential moving averages of the
+  parameters and of the model state (a BN-ResNet's batch statistics), as in
+  the released code (`experiment.py`, `_train_fn`); the EMA evaluation uses
+  both. `nonfinite_step` is -1 until a step produces a non-finite loss or
+  gradient; that step's update is dropped and every later step leaves the
+  state as it is, so the last good state can be saved without a per-step
+  host sync.
   """
   step: jax.Array
   params: hk.Params
@@ -46,6 +50,7 @@ class TrainState(NamedTuple):
   ema_params: hk.Params
   rng: jax.Array
   nonfinite_step: jax.Array
+  ema_model_state: hk.State
 
 
 def precision_policy(precision: str) -> jmp.Policy:
@@ -63,7 +68,7 @@ def init_state(model: hk.TransformedWithState,
   return TrainState(
       step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
       opt_state=optimizer.init(params), ema_params=params, rng=state_rng,
-      nonfinite_step=jnp.full((), -1, jnp.int32))
+      nonfinite_step=jnp.full((), -1, jnp.int32), ema_model_state=model_state)
 
 
 def make_init(model: hk.TransformedWithState,
@@ -88,6 +93,20 @@ def ema_decay(config: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
     t = step.astype(jnp.float32)
     decay = jnp.minimum(decay, (1.0 + t) / (10.0 + t))
   return decay
+
+
+def ema_update(decay: jax.Array, average: Any, value: Any) -> Any:
+  """`decay * average + (1 - decay) * value` for float leaves.
+
+  Integer leaves (e.g. a batch-norm update counter) take the new value.
+  """
+
+  def update(a, v):
+    if not jnp.issubdtype(v.dtype, jnp.floating):
+      return v
+    return (decay * a + (1.0 - decay) * v).astype(v.dtype)
+
+  return jax.tree.map(update, average, value)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
@@ -118,6 +137,15 @@ def make_train_step(model: hk.TransformedWithState,
                     mesh: Mesh) -> Callable[[TrainState, Any], Any]:
   """Returns the jitted, state-donating `train_step(state, batch)`.
 
+  With `config.accumulation_steps = k > 1`, each device's slice of the batch
+  is cut into k micro-batches whose gradients are averaged before the
+  device mean, AGC, weight decay, the optimizer and the EMA see them: one
+  optimizer step of the whole batch, with one micro-batch's activations in
+  memory. Equal to the step without accumulation up to float rounding,
+  except for what depends on the micro-batch itself: batch-norm statistics
+  (a BN-ResNet's) and SAM's ascent step, which is taken per micro-batch
+  (Foret et al.'s m-sharpness with m the micro-batch).
+
   Args:
     model: the transformed model.
     optimizer: from `optim.make_optimizer`.
@@ -131,27 +159,64 @@ def make_train_step(model: hk.TransformedWithState,
   """
   policy = precision_policy(config.precision)
   num_classes = config.dataset.num_classes
+  accumulation = config.accumulation_steps
+
+  def micro_step(params, model_state, batch, rng):
+    """Loss, accuracy, gradient and new model state of one (micro-)batch."""
+
+    def loss_fn(params):
+      logits, new_model_state = model.apply(
+          policy.cast_to_compute(params), model_state, rng,
+          policy.cast_to_compute(batch["images"]), is_training=True)
+      logits = policy.cast_to_output(logits)
+      loss = jnp.mean(cross_entropy(logits, batch["labels"], num_classes,
+                                    config.label_smoothing))
+      return loss, (logits, new_model_state)
+
+    # SAM with rho = 0 is exactly jax.value_and_grad.
+    (loss, (logits, model_state)), grads = sam.sam_gradient(
+        loss_fn, params, config.optimizer.sam_rho,
+        axis_name=parallel.AXIS, sync_ascent=config.optimizer.sam_sync,
+        has_aux=True)
+    labels = batch["labels"]
+    if labels.ndim > 1:
+      labels = jnp.argmax(labels, -1)
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+    return loss, accuracy, grads, model_state
+
+  def accumulated_step(params, model_state, batch, rng):
+    """`micro_step` averaged over `accumulation` slices of the batch.
+
+    A scan keeps one micro-batch's activations alive at a time; the model
+    state (batch-norm statistics) passes from one micro-batch to the next.
+    """
+    micro = jax.tree.map(
+        lambda x: x.reshape(accumulation, x.shape[0] // accumulation,
+                            *x.shape[1:]), batch)
+
+    def body(carry, xs):
+      model_state, sums = carry
+      micro_batch, index = xs
+      loss, accuracy, grads, model_state = micro_step(
+          params, model_state, micro_batch, jax.random.fold_in(rng, index))
+      sums = jax.tree.map(jnp.add, sums, (loss, accuracy, grads))
+      return (model_state, sums), None
+
+    zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
+             jax.tree.map(jnp.zeros_like, params))
+    (model_state, sums), _ = lax.scan(
+        body, (model_state, zeros), (micro, jnp.arange(accumulation)))
+    loss, accuracy, grads = jax.tree.map(lambda x: x / accumulation, sums)
+    return loss, accuracy, grads, model_state
 
   def per_device_step(state: TrainState, batch):
     # Per-step, per-device randomness (stochastic depth, dropout) that does
     # not depend on how often the run was resumed.
     rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
                              lax.axis_index(parallel.AXIS))
-
-    def loss_fn(params):
-      logits, model_state = model.apply(
-          policy.cast_to_compute(params), state.model_state, rng,
-          policy.cast_to_compute(batch["images"]), is_training=True)
-      logits = policy.cast_to_output(logits)
-      loss = jnp.mean(cross_entropy(logits, batch["labels"], num_classes,
-                                    config.label_smoothing))
-      return loss, (logits, model_state)
-
-    # SAM with rho = 0 is exactly jax.value_and_grad.
-    (loss, (logits, model_state)), grads = sam.sam_gradient(
-        loss_fn, state.params, config.optimizer.sam_rho,
-        axis_name=parallel.AXIS, sync_ascent=config.optimizer.sam_sync,
-        has_aux=True)
+    step_fn = micro_step if accumulation == 1 else accumulated_step
+    loss, accuracy, grads, model_state = step_fn(
+        state.params, state.model_state, batch, rng)
     grads = layout.in_default_layout(lax.pmean(grads, parallel.AXIS))
     loss = lax.pmean(loss, parallel.AXIS)
     # (pmean gives float32 for integers, e.g. batch norm's EMA counter: cast
@@ -159,25 +224,21 @@ def make_train_step(model: hk.TransformedWithState,
     model_state = jax.tree.map(
         lambda new, old: lax.pmean(new, parallel.AXIS).astype(old.dtype),
         model_state, state.model_state)
-    labels = batch["labels"]
-    if labels.ndim > 1:
-      labels = jnp.argmax(labels, -1)
-    accuracy = lax.pmean(jnp.mean(jnp.argmax(logits, -1) == labels),
-                         parallel.AXIS)
+    accuracy = lax.pmean(accuracy, parallel.AXIS)
 
     updates, opt_state = optimizer.update(grads, state.opt_state,
                                           state.params)
     params = optax.apply_updates(state.params, updates)
     decay = ema_decay(config, state.step)
-    ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
-                              state.ema_params, params)
+    ema_params = ema_update(decay, state.ema_params, params)
+    ema_model_state = ema_update(decay, state.ema_model_state, model_state)
     grad_norm = norms.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     ok = finite & (state.nonfinite_step < 0)
     new_state = TrainState(
         step=state.step + 1, params=params, model_state=model_state,
         opt_state=opt_state, ema_params=ema_params, rng=state.rng,
-        nonfinite_step=state.nonfinite_step)
+        nonfinite_step=state.nonfinite_step, ema_model_state=ema_model_state)
     new_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state,
                              state)
     new_state = new_state._replace(nonfinite_step=jnp.where(
@@ -205,10 +266,12 @@ def make_eval_step(model: hk.TransformedWithState,
   """Returns the jitted `eval_step(state, batch) -> sums`.
 
   The sums (over real examples only, `batch['mask'] == 1`, across all
-  devices) are `count`, and for both the raw and the EMA weights `top1`,
-  `top5` (correct predictions) and `loss` (unsmoothed cross-entropy).
+  devices) are `count`, and for both the raw and the EMA weights (with the
+  EMA model state) `top1`, `top5` (correct predictions) and `loss`
+  (unsmoothed cross-entropy). The model computes in `config.eval_precision`
+  (float32 in the released code, which casts to bfloat16 only to train).
   """
-  policy = precision_policy(config.precision)
+  policy = precision_policy(config.eval_precision)
   num_classes = config.dataset.num_classes
   top_k = min(5, num_classes)
 
@@ -216,9 +279,11 @@ def make_eval_step(model: hk.TransformedWithState,
     mask = batch["mask"]
     labels = batch["labels"]
     sums = {"count": jnp.sum(mask)}
-    for prefix, params in (("", state.params), ("ema_", state.ema_params)):
+    for prefix, params, model_state in (
+        ("", state.params, state.model_state),
+        ("ema_", state.ema_params, state.ema_model_state)):
       logits, _ = model.apply(
-          policy.cast_to_compute(params), state.model_state, None,
+          policy.cast_to_compute(params), model_state, None,
           policy.cast_to_compute(batch["images"]), is_training=False)
       logits = policy.cast_to_output(logits).astype(jnp.float32)
       loss = cross_entropy(logits, labels, num_classes, 0.0)
