@@ -182,8 +182,15 @@ class SqueezeExcite(hk.Module):
 
 
 def stochastic_depth(x: jax.Array, drop_rate: float, is_training: bool,
-                     scale: Union[float, jax.Array] = 1.0) -> jax.Array:
-  """Drops whole residual branches per example, scaling kept ones by 1/keep.
+                     scale: Union[float, jax.Array] = 1.0,
+                     scale_by_keep: bool = False) -> jax.Array:
+  """Drops whole residual branches per example (stochastic depth).
+
+  As in the released NFNet code (`base.StochDepth`, `scale_by_keep=False`),
+  a kept branch is not rescaled by default, so the expected branch shrinks
+  by the keep probability at training time and is whole at evaluation time.
+  `scale_by_keep=True` divides kept branches by the keep probability instead
+  (the EfficientNet / timm convention), which keeps the expectation equal.
 
   Any other per-example or per-channel factor of the branch (skip gain, SE
   gate) comes in as `scale` and is folded into the same multiply: the branch
@@ -197,16 +204,19 @@ def stochastic_depth(x: jax.Array, drop_rate: float, is_training: bool,
     is_training: off at evaluation time (no drops).
     scale: a factor broadcastable to x, combined with the drop mask in
       float32 and cast to x's dtype once.
+    scale_by_keep: divide kept branches by `1 - drop_rate`.
 
   Returns:
-    x * scale, with a random subset of examples zeroed and the rest rescaled.
+    x * scale, with a random subset of examples zeroed (and, with
+    `scale_by_keep`, the rest divided by the keep probability).
   """
   scale = jnp.asarray(scale, jnp.float32)
   if is_training and drop_rate > 0.0:
     keep = 1.0 - drop_rate
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
     mask = jax.random.bernoulli(hk.next_rng_key(), keep, shape)
-    scale = scale * (mask.astype(jnp.float32) / keep)
+    mask = mask.astype(jnp.float32)
+    scale = scale * (mask / keep if scale_by_keep else mask)
   return x * scale.astype(x.dtype)
 
 

@@ -69,7 +69,8 @@ def test_model_options_leave_out_what_the_name_fixes():
   assert "standardize" in models.model_options("nf_resnet50")
   assert "standardize" not in models.model_options("nf_resnet50_nows")
   assert models.model_options("resnet50") == dict(
-      width_multiplier=1.0, drop_path_rate=0.0, dropout_rate=0.0)
+      width_multiplier=1.0, drop_path_rate=0.0, drop_path_scale_by_keep=False,
+      dropout_rate=0.0)
   assert models.option_types("nfnet_f0")["depths"] is tuple
   assert models.option_types("nfnet_f0")["dropout_rate"] is float
   assert models.option_types("nfnet_f0")["activation"] is str
@@ -137,7 +138,8 @@ def test_another_family_names_the_option_it_does_not_take():
   with pytest.raises(ValueError, match=r"^model.kwargs: unknown option "
                      r"'depths' for model 'nf_resnet50'; valid: "
                      r"width_multiplier, activation, alpha, drop_path_rate, "
-                     r"dropout_rate, standardize, remat$"):
+                     r"drop_path_scale_by_keep, dropout_rate, use_se, "
+                     r"se_ratio, fc_init_std, standardize, remat$"):
     experiment_config.validate(config)
 
 

@@ -213,18 +213,43 @@ def test_ws_conv_bad_groups():
                 feature_group_count=4)
 
 
-def test_stochastic_depth_is_per_example_and_unbiased():
-  f = hk.transform(lambda x: layers.stochastic_depth(x, 0.25, True))
+@pytest.mark.parametrize("scale_by_keep", [False, True])
+def test_stochastic_depth_is_per_example(scale_by_keep):
+  # The released code's `base.StochDepth` defaults to scale_by_keep=False
+  # (and NFNet/NF-ResNet keep it): a kept branch passes through unchanged, so
+  # the mean is keep = 0.75. With scale_by_keep it is 1/keep and unbiased.
+  f = hk.transform(lambda x: layers.stochastic_depth(
+      x, 0.25, True, scale_by_keep=scale_by_keep))
   x = jnp.ones((4096, 2, 2, 3))
   out = np.asarray(f.apply(None, jax.random.PRNGKey(0), x))
   per_example = out.reshape(4096, -1)
-  # Each example is either all dropped or all kept and rescaled by 1/keep.
-  np.testing.assert_allclose(np.unique(per_example), [0.0, 1 / 0.75],
-                             rtol=1e-6)
+  kept = 1 / 0.75 if scale_by_keep else 1.0
+  # Each example is either all dropped or all kept.
+  np.testing.assert_array_equal(np.unique(per_example),
+                                np.float32([0.0, kept]))
   assert np.all(per_example.min(1) == per_example.max(1))
-  assert per_example.mean() == pytest.approx(1.0, abs=0.05)
-  off = hk.transform(lambda x: layers.stochastic_depth(x, 0.25, False))
+  mean = 1.0 if scale_by_keep else 0.75
+  assert per_example.mean() == pytest.approx(mean, abs=0.05)
+  off = hk.transform(lambda x: layers.stochastic_depth(
+      x, 0.25, False, scale_by_keep=scale_by_keep))
   assert np.array_equal(off.apply(None, None, x), x)
+
+
+def test_stochastic_depth_keeps_branches_unscaled_by_default():
+  # Drop rate 0.5: a kept example's branch is the branch itself, not twice
+  # it (the 1/keep rescaling this layer used to apply unconditionally).
+  x = jax.random.normal(jax.random.PRNGKey(0), (64, 3, 3, 4))
+  rng = jax.random.PRNGKey(1)
+  drop = lambda **kw: hk.transform(  # pylint: disable=g-long-lambda
+      lambda x: layers.stochastic_depth(x, 0.5, True, **kw)).apply(
+          None, rng, x)
+  out, doubled = drop(), drop(scale_by_keep=True)
+  kept = np.asarray(jnp.any(out != 0, axis=(1, 2, 3)))
+  assert 0 < kept.sum() < 64
+  np.testing.assert_array_equal(out[kept], x[kept])
+  np.testing.assert_array_equal(doubled[kept], 2 * x[kept])
+  np.testing.assert_array_equal(out[~kept], 0)
+  np.testing.assert_array_equal(doubled[~kept], 0)
 
 
 @pytest.mark.parametrize("is_training", [True, False])

@@ -42,7 +42,7 @@ NFNET_SIZES = {
     "nfnet_f6": (438_359_116, 377.28),
     "nfnet_f7": (499_504_088, 478.78),
 }
-RESNET_DEPTHS = (26, 50, 101, 152, 200, 288)
+RESNET_DEPTHS = (26, 50, 101, 152, 200, 288, 600)
 
 
 # ------------------------------------------------------------------ helpers
@@ -207,7 +207,9 @@ def test_every_registered_model_constructs():
       depth = int(re.search(r"resnet(\d+)", name).group(1))
       kind = "NFResNet" if name.startswith("nf_") else "ResNet"
       assert type(model).__name__ == kind
-      if depth != 288:  # 288 is the paper's (24, 24, 24, 24).
+      # 288 is the paper's (24, 24, 24, 24), 600 the released code's
+      # (50, 50, 50, 50).
+      if depth not in (288, 600):
         assert 3 * len(model.blocks) + 2 == depth, name
     if name.endswith("_nows"):
       assert not model.blocks[0].conv0.standardize

@@ -172,10 +172,12 @@ def test_mixing_needs_an_even_local_batch(source):
               num_classes=3)
 
 
-def _eval_all(source, process_count, resize="squash", global_batch=6,
-              size=32):
+def eval_all(source, process_count, preproc="resize_crop_32",
+             interpolation="bicubic", global_batch=6, size=32):
+  """(images, labels) of an eval pass over `process_count` processes."""
   per_process = [list(pipeline.eval_pass(
-      source, global_batch, image_size=size, resize=resize, process_index=p,
+      source, global_batch, image_size=size, preproc=preproc,
+      interpolation=interpolation, process_index=p,
       process_count=process_count)) for p in range(process_count)]
   # Interleave the slices back into global batches, keep the real examples.
   images, labels = [], []
@@ -188,40 +190,41 @@ def _eval_all(source, process_count, resize="squash", global_batch=6,
   return np.concatenate(images), np.concatenate(labels)
 
 
-def _aspect_reference(image: Image.Image, size: int) -> np.ndarray:
+def _crop_resize_reference(image: Image.Image, size: int) -> np.ndarray:
   """PIL: centre crop size / (size + 32) of the shorter side, resize."""
   w, h = image.size
   side = int(min(w, h) * size / (size + 32))
-  left, top = (w - side) // 2, (h - side) // 2
+  left, top = (w - side + 1) // 2, (h - side + 1) // 2
   crop = image.crop((left, top, left + side, top + side))
   resized = crop.resize((size, size), Image.Resampling.BICUBIC)
   return transforms.normalize(np.asarray(resized, np.float32))
 
 
-@pytest.mark.parametrize("resize", ["squash", "aspect"])
-def test_eval_covers_each_example_once_and_matches_pil(source, resize):
-  # Every readable file: all decoders (JPEG, PNG, grayscale, CMYK) compared.
+@pytest.mark.parametrize("preproc", ["resize_crop_32", "crop_resize"])
+def test_eval_covers_each_example_once_and_matches_pil(source, preproc):
+  # Every readable file: all decoders (JPEG, PNG, grayscale, CMYK) compared,
+  # with PIL's resampling (the released reference's: test_eval_preproc.py).
   assert source.num_examples == image_helpers.NUM_READABLE
-  one, one_labels = _eval_all(source, 1, resize)
-  three, three_labels = _eval_all(source, 3, resize)
+  one, one_labels = eval_all(source, 1, preproc, "bicubic_antialias")
+  three, three_labels = eval_all(source, 3, preproc, "bicubic_antialias")
   np.testing.assert_array_equal(one_labels, source.labels)
   np.testing.assert_array_equal(three_labels, source.labels)
   np.testing.assert_array_equal(one, three)
-  reference_fn = {"squash": transforms.resize_crop_32,
-                  "aspect": _aspect_reference}[resize]
+  reference_fn = {"resize_crop_32": transforms.resize_crop_32,
+                  "crop_resize": _crop_resize_reference}[preproc]
   reference = np.stack([reference_fn(transforms.load_rgb(p), 32)
                         for p in source.paths])
   diff = np.abs(one - reference)
   # Normalised units: one grey level is 1 / (std * 255), 0.0171-0.0175.
   # JPEGs decode bit-identically to PIL; the bicubic resizes differ only in
   # rounding. Measured (TF 2.21, Pillow 13), squash: mean 0.0033, max
-  # exactly one grey level (0.0175), on 19% of the values. 'aspect' decodes
+  # exactly one grey level (0.0175), on 19% of the values. crop_resize decodes
   # only the crop, whose colour JPEGs' subsampled chroma is upsampled without
   # the neighbours beyond the crop: the outermost output pixels differ by up
   # to 13 grey levels (mean 0.0041 overall), the interior by at most one.
   assert diff.mean() < 0.01, diff.mean()
   assert diff[:, 1:-1, 1:-1].max() < 0.018, diff[:, 1:-1, 1:-1].max()
-  if resize == "squash":
+  if preproc == "resize_crop_32":
     assert diff.max() < 0.018, diff.max()
 
 
@@ -240,9 +243,11 @@ def test_truncated_jpeg_decodes_instead_of_failing(tmp_path):
   assert np.all(np.isfinite(train["images"]))
 
 
-def test_unknown_eval_resize_is_an_error(source):
-  with pytest.raises(ValueError, match="unknown eval resize 'crop'"):
-    pipeline.eval_pass(source, 4, image_size=16, resize="crop")
+def test_unknown_eval_preproc_or_interpolation_is_an_error(source):
+  with pytest.raises(ValueError, match="unknown eval preproc 'squash'"):
+    pipeline.eval_pass(source, 4, image_size=16, preproc="squash")
+  with pytest.raises(ValueError, match="unknown eval interpolation 'area'"):
+    pipeline.eval_pass(source, 4, image_size=16, interpolation="area")
 
 
 def test_small_png_gets_cropped_and_resized(tmp_path):

@@ -100,5 +100,6 @@ def eval_pass(config: ml_collections.ConfigDict) -> Iterator[dict]:
   from nfnets.data import pipeline  # pylint: disable=g-import-not-at-top
   return pipeline.eval_pass(
       _source(config, train=False), config.eval_batch_size,
-      image_size=ds.eval_image_size, resize=ds.eval_resize,
+      image_size=ds.eval_image_size, preproc=ds.eval_preproc,
+      interpolation=ds.eval_interpolation,
       process_index=jax.process_index(), process_count=jax.process_count())

@@ -30,7 +30,6 @@ from nfnets.data import mixing
 from nfnets.data import randaugment
 from nfnets.data import transforms
 
-EVAL_RESIZES = ("squash", "aspect")
 # Whole crop boxes for `sample_distorted_bounding_box`: the image itself.
 _WHOLE_IMAGE = [[[0.0, 0.0, 1.0, 1.0]]]
 
@@ -145,27 +144,32 @@ def _train_example(raw, label, seed, augment: TrainAugment):
   return _normalize(image), label
 
 
-def _eval_example(raw, label, image_size: int, resize: str):
+def _eval_example(raw, label, image_size: int,
+                  preproc: transforms.EvalPreproc, interpolation: str):
   """The evaluation transform of `eval_pass`, on one encoded image."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   s = image_size
-  if resize == "squash":
+  scaled = preproc.scaled_size(s)
+  if preproc.mode == "resize_crop":
     image = _decode(raw)
-    image = tf.image.resize(image, [s + 32, s + 32], method="bicubic",
-                            antialias=True)
+    size = [scaled, scaled]
   else:
     shape = _image_shape(raw)
-    side = tf.cast(
-        tf.cast(tf.reduce_min(shape), tf.float32) * s / (s + 32), tf.int32)
+    side = tf.cast(tf.cast(tf.reduce_min(shape), tf.float32) * s / scaled,
+                   tf.int32)
     side = tf.maximum(side, 1)
-    top, left = (shape[0] - side) // 2, (shape[1] - side) // 2
+    top, left = (shape[0] - side + 1) // 2, (shape[1] - side + 1) // 2
     image = _decode(raw, tf.stack([top, left, side, side]))
-    image = tf.image.resize(image, [s, s], method="bicubic", antialias=True)
-  # Antialiased bicubic, rounded to uint8 levels, is PIL's BICUBIC to within
-  # one grey level (tests/test_image_folder.py); without antialias, 22 levels.
-  image = tf.clip_by_value(tf.round(image), 0.0, 255.0)
-  if resize == "squash":
-    image = image[16:16 + s, 16:16 + s]
+    size = [s, s]
+  antialias = interpolation == "bicubic_antialias"
+  image = tf.image.resize(image, size, method="bicubic", antialias=antialias)
+  if antialias:
+    # Antialiased bicubic rounded to uint8 levels is PIL's BICUBIC to within
+    # one grey level (tests/test_pipeline.py).
+    image = tf.clip_by_value(tf.round(image), 0.0, 255.0)
+  if preproc.mode == "resize_crop":
+    offset = (scaled - s + 1) // 2
+    image = image[offset:offset + s, offset:offset + s]
   return _normalize(image), label
 
 
@@ -277,7 +281,8 @@ class SourceTrainIterator(arrays.EpochSampler):
 
 
 def eval_pass(source: Source, global_batch_size: int, *, image_size: int,
-              resize: str = "squash", process_index: int = 0,
+              preproc: str = "resize_crop_32",
+              interpolation: str = "bicubic", process_index: int = 0,
               process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
   """One ordered pass, every example exactly once, as `arrays.eval_batches`.
 
@@ -285,10 +290,14 @@ def eval_pass(source: Source, global_batch_size: int, *, image_size: int,
     source: the evaluation examples.
     global_batch_size: examples per step summed over all processes.
     image_size: output resolution S.
-    resize: 'squash' (`resize_crop_32` of DeepMind's released code: resize
-      to S + 32 ignoring the aspect ratio, centre crop S; what the released
-      weights expect) or 'aspect' (centre crop S / (S + 32) of the shorter
-      side, resize to S).
+    preproc: the crop, named as the released code's `eval_preproc`
+      (`transforms.EvalPreproc`): 'resize_crop_32' (resize to S + 32
+      ignoring the aspect ratio, centre crop S: the released NFNets'),
+      'resize_crop_0.875', 'crop_resize' (centre crop S / (S + 32) of the
+      shorter side, resize to S), ...
+    interpolation: 'bicubic' (the released code's TF resize: not
+      antialiased, in float) or 'bicubic_antialias' (PIL's BICUBIC:
+      antialiased, rounded to uint8 levels).
     process_index: index of this process in [0, process_count).
     process_count: number of processes sharing each global batch.
 
@@ -297,11 +306,13 @@ def eval_pass(source: Source, global_batch_size: int, *, image_size: int,
     [B], 'mask': float32 [B]}`, the last global batch zero-padded (mask 0).
 
   Raises:
-    ValueError: for an unknown `resize` or inconsistent batch sizes.
+    ValueError: for an unknown `preproc` or `interpolation`, or
+      inconsistent batch sizes.
   """
-  if resize not in EVAL_RESIZES:
-    raise ValueError(f"unknown eval resize {resize!r}; valid: "
-                     f"{', '.join(EVAL_RESIZES)}")
+  parsed = transforms.parse_eval_preproc(preproc)
+  if interpolation not in transforms.EVAL_INTERPOLATIONS:
+    raise ValueError(f"unknown eval interpolation {interpolation!r}; valid: "
+                     f"{', '.join(transforms.EVAL_INTERPOLATIONS)}")
   n = source.num_examples
   local = arrays._local_batch_size(  # pylint: disable=protected-access
       global_batch_size, process_index, process_count)
@@ -313,15 +324,17 @@ def eval_pass(source: Source, global_batch_size: int, *, image_size: int,
     counts.append(max(stop - start, 0))
     mine.extend(range(start, stop))
   return _eval_generator(source, np.asarray(mine, np.int64), counts, local,
-                         int(image_size), resize)
+                         int(image_size), parsed, interpolation)
 
 
 def _eval_generator(source: Source, indices: np.ndarray, counts: Sequence[int],
                     local: int, image_size: int,
-                    resize: str) -> Iterator[dict[str, np.ndarray]]:
+                    preproc: transforms.EvalPreproc,
+                    interpolation: str) -> Iterator[dict[str, np.ndarray]]:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   ds = _encoded_stream(source, indices, local)
-  ds = ds.map(lambda raw, y: _eval_example(raw, y, image_size, resize),
+  ds = ds.map(lambda raw, y: _eval_example(raw, y, image_size, preproc,
+                                            interpolation),
               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   stream = ds.prefetch(local).as_numpy_iterator()
   for real in counts:

@@ -25,6 +25,19 @@ def check_image(images: jax.Array, total_stride: int) -> None:
         f"{total_stride}x{total_stride}")
 
 
+def classifier(num_classes: int, init_std: float) -> hk.Linear:
+  """The head `linear`: weights N(0, init_std^2), or zeros for 0; bias 0.
+
+  The released NFNet and NF-ResNet code initialise it with N(0, 0.01^2);
+  zeros (`init_std=0`) suit fine-tuning a new head.
+  """
+  if init_std < 0:
+    raise ValueError(f"fc_init_std must be >= 0, got {init_std}")
+  w_init = (hk.initializers.RandomNormal(init_std) if init_std > 0
+            else jnp.zeros)
+  return hk.Linear(num_classes, w_init=w_init, name="linear")
+
+
 def classify(features: jax.Array, classifier: hk.Module, dropout_rate: float,
              is_training: bool) -> jax.Array:
   """Global average pool, dropout when training, then the classifier."""

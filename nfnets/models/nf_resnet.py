@@ -15,7 +15,8 @@ import jax.numpy as jnp
 from nfnets import layers
 from nfnets.models import common
 
-# Blocks per stage by depth (He et al. 2016; 26 and 288 as in the paper).
+# Blocks per stage by depth (He et al. 2016; 26 and 288 as in the paper,
+# 600 as in the released code's `NF_ResNet.variant_dict`).
 DEPTHS: dict[int, tuple[int, int, int, int]] = {
     26: (2, 2, 2, 2),
     50: (3, 4, 6, 3),
@@ -23,6 +24,7 @@ DEPTHS: dict[int, tuple[int, int, int, int]] = {
     152: (3, 8, 36, 3),
     200: (3, 24, 36, 3),
     288: (24, 24, 24, 24),
+    600: (50, 50, 50, 50),
 }
 WIDTHS = (256, 512, 1024, 2048)
 STRIDES = (1, 2, 2, 2)
@@ -37,17 +39,23 @@ def check_depth(depth: int) -> tuple[int, int, int, int]:
 
 
 class NFResBlock(hk.Module):
-  """Pre-activation bottleneck: `h + alpha * skip_gain * f(act(h) * beta)`."""
+  """Pre-activation bottleneck: `h + alpha * skip_gain * f(act(h) * beta)`.
+
+  With `se_ratio` > 0 the branch ends in squeeze-excite applied as
+  `2 * gate * x` before stochastic depth, as the released code's
+  `NFResBlock` does with `use_se=True`.
+  """
 
   def __init__(self, in_channels: int, out_channels: int, *, stride: int,
                beta: float, alpha: float, activation: layers.Activation,
-               drop_rate: float, standardize: bool,
-               name: Optional[str] = None):
+               drop_rate: float, standardize: bool, se_ratio: float = 0.0,
+               scale_by_keep: bool = False, name: Optional[str] = None):
     super().__init__(name=name)
     self.beta = beta
     self.alpha = alpha
     self.activation = activation
     self.drop_rate = drop_rate
+    self.scale_by_keep = scale_by_keep
     width = out_channels // 4
     conv = lambda ch, k, **kw: layers.WSConv2D(  # pylint: disable=g-long-lambda
         ch, k, standardize=standardize, **kw)
@@ -58,6 +66,13 @@ class NFResBlock(hk.Module):
     if stride > 1 or in_channels != out_channels:
       self.conv_shortcut = conv(out_channels, 1, stride=stride,
                                 name="conv_shortcut")
+    self.se = None
+    if se_ratio > 0:
+      # Hidden width from the block's output, as the released code's
+      # `SqueezeExcite(out_ch, out_ch, se_ratio)`.
+      self.se = layers.SqueezeExcite(
+          out_channels, max(1, int(out_channels * se_ratio)),
+          name="squeeze_excite")
 
   def __call__(self, x: jax.Array,
                is_training: bool) -> tuple[jax.Array, jax.Array]:
@@ -66,22 +81,36 @@ class NFResBlock(hk.Module):
     out = self.conv0(out)
     out = self.conv1(self.activation(out))
     out = self.conv2(self.activation(out))
-    _, res_var = layers.signal_metrics(out)
     skip_gain = hk.get_parameter("skip_gain", (), init=jnp.zeros)
-    out = layers.stochastic_depth(out, self.drop_rate, is_training,
-                                  skip_gain.astype(jnp.float32) * self.alpha)
+    scale = skip_gain.astype(jnp.float32) * self.alpha
+    if self.se is not None:
+      gate = 2.0 * self.se(out).astype(jnp.float32)
+      scale = scale * gate
+      _, res_var = layers.signal_metrics(gate * out)
+    else:
+      _, res_var = layers.signal_metrics(out)
+    out = layers.stochastic_depth(out, self.drop_rate, is_training, scale,
+                                  self.scale_by_keep)
     return out + shortcut, res_var
 
 
 class NFResNet(hk.Module):
-  """NF-ResNet-26 to -288 classifier (NHWC input); `remat` as for NFNet."""
+  """NF-ResNet-26 to -600 classifier (NHWC input); `remat` as for NFNet.
+
+  `use_se` adds squeeze-excite (hidden width `se_ratio` of each block's
+  output) to every block; `drop_path_scale_by_keep` and `fc_init_std` are as
+  for NFNet (defaults: the released code's no rescaling and N(0, 0.01^2)).
+  """
 
   def __init__(self, num_classes: int = 1000, depth: int = 50, *,
                width_multiplier: float = 1.0,
                activation: Union[str, layers.Activation] = "relu",
                alpha: float = 0.2, drop_path_rate: float = 0.1,
-               dropout_rate: float = 0.25, standardize: bool = True,
-               remat: bool = False, name: str = "NFResNet"):
+               drop_path_scale_by_keep: bool = False,
+               dropout_rate: float = 0.25, use_se: bool = False,
+               se_ratio: float = 0.25, fc_init_std: float = 0.01,
+               standardize: bool = True, remat: bool = False,
+               name: str = "NFResNet"):
     super().__init__(name=name)
     self.remat = remat
     depths = check_depth(depth)
@@ -89,6 +118,8 @@ class NFResNet(hk.Module):
     if min(widths) < 4:
       raise ValueError(f"width_multiplier {width_multiplier} leaves a stage "
                        "with fewer than 4 channels")
+    if use_se and se_ratio <= 0:
+      raise ValueError(f"use_se needs a positive se_ratio, got {se_ratio}")
     self.dropout_rate = dropout_rate
     self.activation = layers.scaled_activation(activation)
     self.stem = layers.WSConv2D(widths[0] // 4, 7, stride=2,
@@ -102,12 +133,13 @@ class NFResNet(hk.Module):
             in_ch, width, stride=stride if j == 0 else 1,
             beta=1.0 / expected_std, alpha=alpha, activation=self.activation,
             drop_rate=drop_path_rate * index / total,
-            standardize=standardize))
+            scale_by_keep=drop_path_scale_by_keep,
+            se_ratio=se_ratio if use_se else 0.0, standardize=standardize))
         self.block_stages.append(stage)
         expected_std = ((1.0 if j == 0 else expected_std ** 2) +
                         alpha ** 2) ** 0.5
         in_ch, index = width, index + 1
-    self.classifier = hk.Linear(num_classes, w_init=jnp.zeros, name="linear")
+    self.classifier = common.classifier(num_classes, fc_init_std)
 
   def __call__(self, images: jax.Array, is_training: bool,
                return_metrics: bool = False):

@@ -33,10 +33,12 @@ class ResBlockV2(hk.Module):
   """Pre-activation bottleneck: `h + f(relu(bn(h)))`, BN before each conv."""
 
   def __init__(self, in_channels: int, out_channels: int, *, stride: int,
-               drop_rate: float, name: Optional[str] = None):
+               drop_rate: float, scale_by_keep: bool = False,
+               name: Optional[str] = None):
     super().__init__(name=name)
     width = out_channels // 4
     self.drop_rate = drop_rate
+    self.scale_by_keep = scale_by_keep
     self.bn0 = _batch_norm("bn0")
     self.conv0 = _conv(width, 1, name="conv0")
     self.bn1 = _batch_norm("bn1")
@@ -55,15 +57,21 @@ class ResBlockV2(hk.Module):
     out = self.conv1(jax.nn.relu(self.bn1(out, is_training)))
     out = self.conv2(jax.nn.relu(self.bn2(out, is_training)))
     _, res_var = layers.signal_metrics(out)
-    out = layers.stochastic_depth(out, self.drop_rate, is_training)
+    out = layers.stochastic_depth(out, self.drop_rate, is_training,
+                                  scale_by_keep=self.scale_by_keep)
     return out + shortcut, res_var
 
 
 class ResNet(hk.Module):
-  """BN pre-activation ResNet-26 to -288 classifier (NHWC input)."""
+  """BN pre-activation ResNet-26 to -600 classifier (NHWC input).
+
+  Stochastic depth (off by default) does not rescale kept branches unless
+  `drop_path_scale_by_keep`, as for the NF models.
+  """
 
   def __init__(self, num_classes: int = 1000, depth: int = 50, *,
                width_multiplier: float = 1.0, drop_path_rate: float = 0.0,
+               drop_path_scale_by_keep: bool = False,
                dropout_rate: float = 0.0, name: str = "ResNet"):
     super().__init__(name=name)
     depths = nf_resnet.check_depth(depth)
@@ -80,7 +88,8 @@ class ResNet(hk.Module):
       for j in range(count):
         self.blocks.append(ResBlockV2(
             in_ch, width, stride=stride if j == 0 else 1,
-            drop_rate=drop_path_rate * index / total))
+            drop_rate=drop_path_rate * index / total,
+            scale_by_keep=drop_path_scale_by_keep))
         self.block_stages.append(stage)
         in_ch, index = width, index + 1
     self.final_bn = _batch_norm("final_bn")

@@ -15,6 +15,7 @@ import jax
 import ml_collections
 
 from nfnets import models
+from nfnets.data import transforms
 from nfnets.data.tfds import builders as tfds_builders
 from nfnets.training import optim
 
@@ -119,8 +120,12 @@ def base_config() -> ml_collections.ConfigDict:
       # and TFDS): RandAugment ops and magnitude, MixUp and CutMix alphas.
       randaugment_layers=0, randaugment_magnitude=0.0,
       mixup_alpha=0.0, cutmix_alpha=0.0,
-      # Evaluation resize: 'squash' (the released resize_crop_32) or 'aspect'.
-      eval_resize="squash"))
+      # Evaluation crop and resampling (image_folder and TFDS), as the
+      # released code's: `nfnets.data.transforms.EvalPreproc` names the crop
+      # ('resize_crop_32', 'resize_crop_0.875', 'crop_resize', ...); the
+      # resampling is 'bicubic' (TF's, not antialiased, in float) or
+      # 'bicubic_antialias' (PIL's, as in the released Colab demo).
+      eval_preproc="resize_crop_32", eval_interpolation="bicubic"))
   c.model = model_config("nfnet_f0")
   c.batch_size = 4096
   # Micro-batches per step: each device's slice of `batch_size` is split in
@@ -249,9 +254,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
          "dataset.randaugment_layers and _magnitude must be >= 0")
     need(ds.mixup_alpha >= 0 and ds.cutmix_alpha >= 0,
          "dataset.mixup_alpha and cutmix_alpha must be >= 0")
-    need(ds.eval_resize in ("squash", "aspect"),
-         f"unknown dataset.eval_resize {ds.eval_resize!r}; valid: squash, "
-         "aspect")
+    try:
+      transforms.parse_eval_preproc(ds.eval_preproc)
+    except ValueError as e:
+      raise ValueError(f"dataset.eval_preproc: {e}") from None
+    need(ds.eval_interpolation in transforms.EVAL_INTERPOLATIONS,
+         f"unknown dataset.eval_interpolation {ds.eval_interpolation!r}; "
+         f"valid: {', '.join(transforms.EVAL_INTERPOLATIONS)}")
   models.get_constructor(config.model.name)
   try:
     # Before building: a config written for another family (e.g.
