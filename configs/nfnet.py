@@ -8,16 +8,20 @@
 Defaults follow Brock, De, Smith, Simonyan, ICML 2021, "High-Performance
 Large-Scale Image Recognition Without Normalization", App. C, and DeepMind's
 released code (google-deepmind/deepmind-research
-`nfnets/experiment_nfnets.py`): batch 4096, lr 0.1 * batch / 256,
-5 warmup epochs then cosine decay over 360 epochs, SGD + Nesterov 0.9, weight
-decay 2e-5 on weights only, AGC 0.01 on all but the classifier, label
-smoothing 0.1, bfloat16 compute, EMA 0.99999, train/test resolution, dropout
-and stochastic depth 0.25 per variant; Inception crop, flip, RandAugment
-(layers, magnitude) per variant, MixUp (alpha 0.2) on half of the pairs and
-CutMix (alpha 1) on the other half; `resize_crop_32` evaluation. `smoke=True`
-swaps in a tiny model on the bundled digits data, to check a set-up end to
-end in a minute. ImageNet comes from TFDS: `dataset.manual_dir` holds the
-ILSVRC2012 tars, prepared once into `dataset.data_dir` (nfnets/data).
+`nfnets/experiment_nfnets.py`): batch 4096, lr 0.1 * batch / 256 over
+`examples * 360 // batch` steps, a fractional 5-epoch warmup then cosine
+decay, SGD + Nesterov 0.9, weight decay 2e-5 on weights only, AGC 0.01 on
+all but the classifier weight, label smoothing 0.1, bfloat16 training and
+float32 evaluation, EMA 0.99999 (warmed up), train/test resolution, dropout
+and stochastic depth 0.25 (kept branches not rescaled) per variant;
+Inception crop, flip, RandAugment (layers, magnitude) per variant, MixUp
+(alpha 0.2) and CutMix (alpha 1); `resize_crop_32` evaluation with TF's
+bicubic resize. docs/fidelity.md compares each element with the released
+code. For batch 4096 on fewer devices than a pod, set
+`--config.accumulation_steps` (README, "Training"). `smoke=True` swaps in a
+tiny model on the bundled digits data, to check a set-up end to end in a
+minute. ImageNet comes from TFDS: `dataset.manual_dir` holds the ILSVRC2012
+tars, prepared once into `dataset.data_dir` (nfnets/data).
 
 `get_sweep` ships F0 to F7 at their resolutions (experiments/sweep.py).
 """
