@@ -1,19 +1,22 @@
-"""Measures the input pipeline's images/s on CPU, per core and in total.
+"""Measures the host input pipeline's examples/s on CPU, per core and total.
 
   python benchmarks/bench_input.py [--cores=1,2] [--sizes=192,256] [--json]
       [--data_dir=FOLDER]
 
 Times the trainer's own pipelines (`nfnets.data.pipeline`) on JPEGs of about
 ImageNet's size (400x350 on average, quality 90, generated into a temporary
-class-per-folder directory unless `--data_dir` names one): the train
-pipeline (decode fused with the Inception crop, flip, resize) without and
-with RandAugment (F0's 4 layers, magnitude 5) and MixUp/CutMix, and the eval
-pipeline (decode, squash-resize to S + 32, centre crop), at each size.
+class-per-folder directory unless `--data_dir` names one), at each size:
+`train` (one crop per example: decode fused with the Inception crop, bicubic
+resize, flip, uint8), `train_mixing` (the host's share of the NFNet recipe:
+two such crops per example, which the accelerator mixes and RandAugments;
+`benchmarks/benchmark.py` times that part in the step, against
+`--noaugment`) and `eval` (decode, bicubic
+squash-resize to S + 32, centre crop, normalise).
 
 Each core count runs in a child process pinned to that many cores before
 TensorFlow starts, so tf.data's thread pool matches it. Prints one line per
-measurement (or one JSON object per line with `--json`): images/s in total
-and per core.
+measurement (or one JSON object per line with `--json`): training examples
+(eval images) per second in total and per core.
 """
 
 import json
@@ -34,13 +37,14 @@ sys.path.insert(0, ROOT)
 _CORES = flags.DEFINE_list("cores", None, "Core counts to measure; default "
                            "1 and all cores of this process.")
 _SIZES = flags.DEFINE_list("sizes", ["192", "256"], "Output resolutions.")
-KINDS = ("train", "train_randaugment_mix", "eval")
+KINDS = ("train", "train_mixing", "eval")
 _KINDS = flags.DEFINE_list("kinds", list(KINDS), "Pipelines to time.")
 _BATCH = flags.DEFINE_integer("batch_size", 128, "Images per batch.")
 _BATCHES = flags.DEFINE_integer("batches", 8, "Timed batches per run.")
 _NUM_IMAGES = flags.DEFINE_integer(
-    "num_images", None, "JPEGs to generate; default batch_size * (batches + "
-    "1), what one timed eval pass needs.")
+    "num_images", None, "JPEGs to generate; default 2 * batch_size * "
+    "(batches + 1), what the two-crop train pipeline reads without a second "
+    "epoch.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "A class-per-folder root to "
                                 "read instead of generated JPEGs.")
 _JSON = flags.DEFINE_bool("json", False, "Print JSON objects, one per line.")
@@ -64,23 +68,19 @@ def write_jpegs(root: str, count: int, seed: int = 0) -> None:
 
 def _measure(data_dir: str, kind: str, size: int, batch: int,
              batches: int) -> float:
-  """Images/s of one pipeline after one untimed batch."""
+  """Examples/s of one pipeline after one untimed batch."""
   from nfnets.data import image_folder  # pylint: disable=g-import-not-at-top
   from nfnets.data import pipeline  # pylint: disable=g-import-not-at-top
   source = image_folder.ImageFolderSource(data_dir, "train", 0.0)
-  if batch * (batches + 1) > source.num_examples and kind == "eval":
-    raise ValueError(f"eval needs batch_size * (batches + 1) = "
-                     f"{batch * (batches + 1)} images, {data_dir} has "
-                     f"{source.num_examples}")
+  crops = 2 if kind == "train_mixing" else 1
+  if batch * crops * (batches + 1) > source.num_examples:
+    raise ValueError(f"{kind} needs {crops} * batch_size * (batches + 1) = "
+                     f"{crops * batch * (batches + 1)} images, {data_dir} "
+                     f"has {source.num_examples}")
   if kind == "eval":
     stream = pipeline.eval_pass(source, batch, image_size=size)
   else:
-    extras = {}
-    if kind == "train_randaugment_mix":
-      extras = dict(randaugment_layers=4, randaugment_magnitude=5.0,
-                    mixup_alpha=0.2, cutmix_alpha=1.0,
-                    num_classes=source.num_classes)
-    augment = pipeline.TrainAugment(image_size=size, **extras)
+    augment = pipeline.TrainAugment(image_size=size, crops_per_example=crops)
     stream = pipeline.SourceTrainIterator(source, batch, augment=augment,
                                           seed=0)
   next(stream)
@@ -95,7 +95,7 @@ def _child(spec: str) -> None:
   result = _measure(_DATA_DIR.value, kind, int(size), _BATCH.value,
                     _BATCHES.value)
   print(json.dumps({"kind": kind, "size": int(size), "cores": int(cores),
-                    "images_per_sec": result,
+                    "examples_per_sec": result,
                     "per_core": result / int(cores)}))
 
 
@@ -110,6 +110,7 @@ def _run_pinned(data_dir: str, kind: str, size: int, cores: int) -> dict:
       preexec_fn=lambda: os.sched_setaffinity(0, available[:cores]))
   if result.returncode:
     last = (result.stderr.strip().splitlines() or ["no error output"])[-1]
+    last = last.removeprefix("error: ")
     raise RuntimeError(f"{kind} at {size} px on {cores} cores failed: {last}")
   return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -132,7 +133,7 @@ def main(argv):
     if not data_dir:
       data_dir = os.path.join(tmp, "jpegs")
       write_jpegs(data_dir, _NUM_IMAGES.value or
-                  _BATCH.value * (_BATCHES.value + 1))
+                  2 * _BATCH.value * (_BATCHES.value + 1))
     for size in (int(s) for s in _SIZES.value):
       for kind in _KINDS.value:
         for count in cores:
@@ -140,9 +141,9 @@ def main(argv):
           if _JSON.value:
             print(json.dumps(row), flush=True)
           else:
-            print(f"{kind:>22} {size:4d} px  {count:3d} cores  "
-                  f"{row['images_per_sec']:8.0f} img/s  "
-                  f"{row['per_core']:7.0f} img/s/core", flush=True)
+            print(f"{kind:>12} {size:4d} px  {count:3d} cores  "
+                  f"{row['examples_per_sec']:8.0f} examples/s  "
+                  f"{row['per_core']:7.0f} /s/core", flush=True)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ The step is the one `experiments/train.py` runs (`nfnets.training.steps`),
 built from
 the model family's config (the NFNet recipe: bfloat16 compute, float32 master
 weights, AGC, SGD + Nesterov, weight decay, EMA, stochastic depth, label
-smoothing on MixUp/CutMix soft labels) by `benchmarks/step.py`. Steps are
+smoothing, and first the on-device MixUp/CutMix and RandAugment of uint8
+crops, two per example, unless `--noaugment`) by `benchmarks/step.py`. Steps are
 dispatched back to back as the trainer does (no host sync between them) and
 timed in rounds of 10. Prints compile time, the median round's step time,
 images/s, achieved TFLOP/s and MFU (model FLOPs from the analytic MAC count: 2
@@ -43,13 +44,20 @@ _BATCH = flags.DEFINE_integer("batch_size", 256, "Global batch size.")
 _IMAGE = flags.DEFINE_integer("image_size", 192, "Square input resolution.")
 _STEPS = flags.DEFINE_integer("steps", 50, "Timed steps (after warm-up).")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compiling.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "Which step.")
+_MODE = flags.DEFINE_enum(
+    "mode", "train", ["train", "eval", "augment"], "Which step; 'augment' "
+    "times the train step's on-device augmentation alone (its share of "
+    "the step: against --mode=train).")
 _PRECISION = flags.DEFINE_enum("precision", "bfloat16",
                                ["bfloat16", "float32"], "Compute dtype.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny widths and depths.")
 _REMAT = flags.DEFINE_bool("remat", False, "Recompute block activations in "
                            "the backward pass (model.kwargs.remat; NFNets "
                            "and NF-ResNets): less memory, larger batches.")
+_AUGMENT = flags.DEFINE_bool(
+    "augment", True, "Run the recipe's on-device augmentation (MixUp/CutMix,"
+    " RandAugment, normalisation; nfnets.augment) in the train step on uint8"
+    " crops, as training does; --noaugment feeds ready float images.")
 _PLAIN = flags.DEFINE_bool("plain", False, "Trace the step with the plain "
                            "twins of the fast paths (nfnets.ops; "
                            "config.fast_paths=False).")
@@ -93,19 +101,20 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
-    config, soft_labels = bench.benchmark_config(
+    config, device_augment = bench.benchmark_config(
         _MODEL.value, _BATCH.value, _IMAGE.value, _PRECISION.value,
-        _SMOKE.value, _REMAT.value, fast_paths=not _PLAIN.value)
+        _SMOKE.value, _REMAT.value, fast_paths=not _PLAIN.value,
+        augment=_AUGMENT.value)
     mesh = parallel.make_mesh()
     parallel.check_batch_size(_BATCH.value, mesh, "batch_size")
+    step, init = bench.make_step(config, _MODE.value, mesh, device_augment)
   except ValueError as e:
     raise SystemExit(f"error: {e}") from None
 
   num_classes = config.dataset.num_classes
-  step, init = bench.make_step(config, _MODE.value, mesh)
   state = init(jax.random.PRNGKey(0))
   batch = parallel.shard_batch(
-      bench.synthetic_batch(config, _MODE.value, soft_labels), mesh)
+      bench.synthetic_batch(config, _MODE.value, device_augment), mesh)
 
   start = time.perf_counter()
   compiled = step.lower(state, batch).compile()
@@ -138,7 +147,8 @@ def main(argv):
   macs = summary.summarize(config.model.name, _IMAGE.value,
                            num_classes=num_classes,
                            **config.model.kwargs)["gmacs"] * 1e9
-  flops = 2 * macs * _BATCH.value * (3 if _MODE.value == "train" else 1)
+  flops = 2 * macs * _BATCH.value * {"train": 3, "eval": 1, "augment": 0}[
+      _MODE.value]
   peak, peak_source = peak_flops(jnp.bfloat16 if _PRECISION.value ==
                                  "bfloat16" else jnp.float32)
   stats = jax.devices()[0].memory_stats() or {}
@@ -146,6 +156,7 @@ def main(argv):
       "model": config.model.name, "mode": _MODE.value,
       "image_size": _IMAGE.value, "batch_size": _BATCH.value,
       "precision": _PRECISION.value, "remat": _REMAT.value,
+      "augment": _AUGMENT.value,
       "fast_paths": not _PLAIN.value,
       "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
       "compile_s": round(compile_s, 2), "step_ms": round(step_s * 1e3, 3),

@@ -46,6 +46,10 @@ _IMAGE = flags.DEFINE_integer("image_size", 192, "Square input resolution.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "Which step.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny widths and depths.")
 _REMAT = flags.DEFINE_bool("remat", False, "model.kwargs.remat=True.")
+_AUGMENT = flags.DEFINE_bool(
+    "augment", True, "Run the recipe's on-device augmentation (MixUp/CutMix,"
+    " RandAugment, normalisation; nfnets.augment) in the train step on uint8"
+    " crops, as training does; --noaugment feeds ready float images.")
 _PLAIN = flags.DEFINE_bool("plain", False, "The plain twins of the fast "
                            "paths (config.fast_paths=False).")
 _DUMP = flags.DEFINE_string("dump", None, "Also write the optimized HLO here.")
@@ -224,9 +228,10 @@ def main(argv):
   # pylint: enable=g-import-not-at-top
 
   try:
-    config, soft_labels = bench_step.benchmark_config(
+    config, device_augment = bench_step.benchmark_config(
         _MODEL.value, _BATCH.value, _IMAGE.value, smoke=_SMOKE.value,
-        remat=_REMAT.value, fast_paths=not _PLAIN.value)
+        remat=_REMAT.value, fast_paths=not _PLAIN.value,
+        augment=_AUGMENT.value)
     if _TARGET.value == "local":
       mesh = parallel.make_mesh()
     else:
@@ -235,7 +240,8 @@ def main(argv):
     parallel.check_batch_size(_BATCH.value, mesh, "batch_size")
   except (ValueError, RuntimeError, NotImplementedError) as e:
     raise SystemExit(f"error: {e}") from None
-  step, init = bench_step.make_step(config, _MODE.value, mesh)
+  step, init = bench_step.make_step(config, _MODE.value, mesh,
+                                     device_augment)
   replicated = parallel.replicated_sharding(mesh)
   state = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
@@ -243,7 +249,7 @@ def main(argv):
   batch_sharding = NamedSharding(mesh, P(parallel.AXIS))
   batch = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
            for name, (shape, dtype) in bench_step.batch_shapes(
-               config, _MODE.value, soft_labels).items()}
+               config, _MODE.value, device_augment).items()}
   start = time.perf_counter()
   compiled = step.trace(state, batch).lower().compile()
   compile_s = time.perf_counter() - start
@@ -257,6 +263,7 @@ def main(argv):
   result = {"model": config.model.name, "mode": _MODE.value,
             "target": _TARGET.value, "batch_size": _BATCH.value,
             "image_size": _IMAGE.value, "remat": _REMAT.value,
+            "augment": _AUGMENT.value,
             "fast_paths": not _PLAIN.value,
             "compile_s": round(compile_s, 1), "jax": jax.__version__,
             # XLA's buffer assignment: arguments, outputs and temporaries at

@@ -7,14 +7,19 @@ family's experiment config, so they measure the same thing.
 
 from typing import Any
 
+import jax
+from jax import lax
+from jax.sharding import PartitionSpec as P
 import numpy as np
 
 from configs import nf_resnet as nf_resnet_config
 from configs import nfnet as nfnet_config
 from configs import resnet as resnet_config
+from nfnets import data
 from nfnets import models
 from nfnets.training import experiment_config
 from nfnets.training import optim
+from nfnets.training import parallel
 from nfnets.training import steps
 
 
@@ -41,27 +46,27 @@ def config_for(model_name: str):
 
 def benchmark_config(model_name: str, batch_size: int, image_size: int,
                      precision: str = "bfloat16", smoke: bool = False,
-                     remat: bool = False, fast_paths: bool = True):
+                     remat: bool = False, fast_paths: bool = True,
+                     augment: bool = True):
   """The config whose step is timed: the family's recipe on synthetic data.
 
   Returns:
-    (config, soft_labels): soft_labels is whether the recipe mixes images
-    (MixUp/CutMix), so that the step gets soft labels as in training.
+    (config, device_augment): the recipe's on-device augmentation (MixUp,
+    CutMix, RandAugment, normalisation; `nfnets.augment.batch`), which the
+    timed step runs first on uint8 crops as in training, or None with
+    `augment=False` (the step then takes ready float images and int labels).
 
   Raises:
     ValueError: for an unknown model family or an invalid config.
   """
   config = config_for(model_name)
   config.batch_size = config.eval_batch_size = batch_size
-  # Synthetic data stands in for the dataset (host-side augmentation is
-  # benchmarks/bench_input.py's); `synthetic_batch` makes MixUp/CutMix-style
-  # soft labels when the recipe mixes.
-  soft_labels = bool(config.dataset.mixup_alpha or
-                     config.dataset.cutmix_alpha)
-  config.dataset.update(dict(name="digits", image_size=image_size,
-                             eval_image_size=image_size,
-                             randaugment_layers=0, mixup_alpha=0.0,
-                             cutmix_alpha=0.0))
+  config.dataset.image_size = config.dataset.eval_image_size = image_size
+  # The recipe's device augmentation, built before synthetic data stands
+  # in for the dataset (the host's share is benchmarks/bench_input.py's).
+  device_augment = data.device_augment(config)
+  config.dataset.update(dict(name="digits", randaugment_layers=0,
+                             mixup_alpha=0.0, cutmix_alpha=0.0))
   config.precision = precision
   config.fast_paths = fast_paths
   if smoke:
@@ -69,11 +74,15 @@ def benchmark_config(model_name: str, batch_size: int, image_size: int,
   if remat:
     config.model.kwargs.remat = True
   experiment_config.validate(config)
-  return config, soft_labels
+  return config, device_augment if augment else None
 
 
-def make_step(config, mode: str, mesh):
-  """The trainer's jitted train or eval step and its init function."""
+def make_step(config, mode: str, mesh, device_augment=None):
+  """The trainer's jitted train or eval step and its init function.
+
+  `mode='augment'` gives the train step's first part alone: `device_augment`
+  on each device's slice, as `steps.make_train_step` runs it.
+  """
   model = models.build_model(config.model.name,
                              num_classes=config.dataset.num_classes,
                              **config.model.kwargs)
@@ -81,42 +90,55 @@ def make_step(config, mode: str, mesh):
   optimizer = optim.make_optimizer(config, schedule)
   size = config.dataset.image_size
   init = steps.make_init(model, optimizer, (size, size, 3), mesh)
+  if mode == "augment":
+    if device_augment is None:
+      raise ValueError(f"{config.model.name}'s recipe has no on-device "
+                       "augmentation to time (or --noaugment was given)")
+
+    def per_device(state, batch):
+      examples = batch["images"].shape[0] // device_augment.crops_per_example
+      return device_augment(
+          batch["images"], batch["labels"],
+          jax.random.fold_in(state.rng, state.step),
+          lax.axis_index(parallel.AXIS) * examples)
+
+    return jax.jit(jax.shard_map(
+        per_device, mesh=mesh, in_specs=(P(), P(parallel.AXIS)),
+        out_specs=P(parallel.AXIS), check_vma=False)), init
   if mode == "train":
-    return steps.make_train_step(model, optimizer, schedule, config,
-                                 mesh), init
+    return steps.make_train_step(model, optimizer, schedule, config, mesh,
+                                 device_augment), init
   return steps.make_eval_step(model, config, mesh), init
 
 
 def batch_shapes(config, mode: str,
-                 soft_labels: bool) -> dict[str, tuple[tuple[int, ...], Any]]:
+                 device_augment) -> dict[str, tuple[tuple[int, ...], Any]]:
   """Name -> (shape, dtype) of the batch the step takes."""
   n, size = config.batch_size, config.dataset.image_size
-  shapes = {"images": ((n, size, size, 3), np.float32)}
-  if mode == "train" and soft_labels:
-    shapes["labels"] = ((n, config.dataset.num_classes), np.float32)
-  else:
-    shapes["labels"] = ((n,), np.int32)
+  if mode in ("train", "augment") and device_augment is not None:
+    crops = n * device_augment.crops_per_example
+    return {"images": ((crops, size, size, 3), np.uint8),
+            "labels": ((crops,), np.int32)}
+  shapes = {"images": ((n, size, size, 3), np.float32),
+            "labels": ((n,), np.int32)}
   if mode == "eval":
     shapes["mask"] = ((n,), np.float32)
   return shapes
 
 
-def synthetic_batch(config, mode: str,
-                    soft_labels: bool) -> dict[str, np.ndarray]:
-  """Random images and labels; soft labels mix two classes per example."""
+def synthetic_batch(config, mode: str, device_augment) -> dict[str, np.ndarray]:
+  """Random images (uint8 crops for the device augmentation) and labels."""
   rng = np.random.default_rng(0)
-  n, num_classes = config.batch_size, config.dataset.num_classes
+  num_classes = config.dataset.num_classes
   batch = {}
-  for name, (shape, dtype) in batch_shapes(config, mode, soft_labels).items():
-    if name == "images":
+  for name, (shape, dtype) in batch_shapes(config, mode,
+                                           device_augment).items():
+    if name == "images" and dtype == np.uint8:
+      batch[name] = rng.integers(0, 256, shape, np.uint8)
+    elif name == "images":
       batch[name] = rng.standard_normal(shape, dtype)
     elif name == "mask":
       batch[name] = np.ones(shape, dtype)
-    elif len(shape) == 1:
-      batch[name] = rng.integers(0, num_classes, n, dtype)
-    else:  # As MixUp/CutMix make them: two classes per example.
-      labels = rng.integers(0, num_classes, n)
-      lam = rng.uniform(size=(n, 1)).astype(dtype)
-      eye = np.eye(num_classes, dtype=dtype)
-      batch[name] = lam * eye[labels] + (1 - lam) * eye[np.roll(labels, 1)]
+    else:
+      batch[name] = rng.integers(0, num_classes, shape[0], dtype)
   return batch

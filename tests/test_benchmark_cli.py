@@ -32,6 +32,20 @@ def test_train_step_benchmark_json_with_the_plain_twins():
   assert info["step_ms"] > 0 and info["compile_s"] > 0
   assert abs(info["images_per_sec"] * info["step_ms"] / 1e3 - 16) < 0.1
   assert 0 < info["mfu"] < 1
+  assert info["augment"] is True  # the recipe's MixUp/CutMix + RandAugment
+
+
+def test_augment_mode_times_the_device_augmentation_alone():
+  result = _benchmark("--model=nfnet_f0", "--smoke", "--batch_size=16",
+                      "--image_size=32", "--steps=2", "--warmup=1",
+                      "--mode=augment", "--json")
+  assert result.returncode == 0, result.stderr[-2000:]
+  info = json.loads(result.stdout.strip().splitlines()[-1])
+  assert info["mode"] == "augment" and info["step_ms"] > 0
+  result = _benchmark("--model=nfnet_f0", "--smoke", "--batch_size=16",
+                      "--image_size=32", "--mode=augment", "--noaugment")
+  assert result.returncode != 0
+  assert "no on-device augmentation to time" in result.stderr
 
 
 @pytest.mark.parametrize("model", ["nf_resnet26", "resnet26",
@@ -67,12 +81,11 @@ def test_input_benchmark_times_each_pipeline_per_core():
       cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
   assert result.returncode == 0, result.stderr[-2000:]
   rows = [json.loads(line) for line in result.stdout.strip().splitlines()]
-  assert [r["kind"] for r in rows] == ["train", "train_randaugment_mix",
-                                       "eval"]
+  assert [r["kind"] for r in rows] == ["train", "train_mixing", "eval"]
   for row in rows:
     assert row["size"] == 32 and row["cores"] == 1
-    assert row["images_per_sec"] > 0
-    assert row["per_core"] == row["images_per_sec"]
+    assert row["examples_per_sec"] > 0
+    assert row["per_core"] == row["examples_per_sec"]
   bad = subprocess.run(
       [sys.executable, os.path.join(ROOT, "benchmarks", "bench_input.py"),
        "--kinds=train,fast"], cwd=ROOT, capture_output=True, text=True,

@@ -95,21 +95,48 @@ def test_source_reads_bytes_and_labels_in_index_order(folder):
   np.testing.assert_array_equal(labels, source.labels[indices])
 
 
-def test_trainer_end_to_end_on_an_image_folder(folder, tmp_path):
+def _augmented_config(folder, num_steps):
+  """The NFNet recipe's augmentation (MixUp/CutMix, RandAugment 2 x 15) on
+  the image folder, with the tiny digits model."""
   from configs import digits  # pylint: disable=g-import-not-at-top
-  from nfnets.training import loop  # pylint: disable=g-import-not-at-top
   config = digits.get_config()
-  config.dataset.update(dict(name="image_folder", data_dir=folder,
-                             num_classes=3, image_size=32, eval_image_size=32,
-                             val_fraction=0.25))
-  config.batch_size = 8
-  config.eval_batch_size = 8
-  config.num_steps = 2
-  config.checkpoint.async_save = False
-  results = loop.train_and_evaluate(config, str(tmp_path), "train_eval")
-  num_val = len(image_folder.list_image_folder(folder, "val", 0.25, 0)[0])
+  config.dataset.update(dict(
+      name="image_folder", data_dir=folder, num_classes=3, image_size=32,
+      eval_image_size=32, val_fraction=0.1, randaugment_layers=2,
+      randaugment_magnitude=15.0, mixup_alpha=0.2, cutmix_alpha=1.0))
+  config.batch_size = 8  # 16 crops a step: an epoch a step (18 images)
+  config.num_steps = num_steps
+  config.checkpoint.update(dict(async_save=False, every_steps=2))
+  return config
+
+
+def test_trainer_on_an_image_folder_resumes_the_same_augmented_batches(
+    folder, tmp_path):
+  # End to end with the recipe's augmentation. Its keys come from the state
+  # (seed, step) and the host's crops from the data position in the
+  # checkpoint: stopping after 2 steps and resuming ends where an
+  # uninterrupted run does.
+  from nfnets.training import checkpoint  # pylint: disable=g-import-not-at-top
+  from nfnets.training import loop  # pylint: disable=g-import-not-at-top
+  whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
+  results = loop.train_and_evaluate(_augmented_config(folder, 4), whole,
+                                    "train_eval")
+  num_val = len(image_folder.list_image_folder(folder, "val", 0.1, 0)[0])
   assert results["eval_examples"] == num_val
-  assert np.isfinite(results["eval_loss"])
+  assert np.isfinite(results["eval_loss"]) and np.isfinite(results["loss"])
+  loop.train_and_evaluate(_augmented_config(folder, 2), parts)
+  loop.train_and_evaluate(_augmented_config(folder, 4), parts)
+  a, b = checkpoint.read_params(whole), checkpoint.read_params(parts)
+  for x, y in zip(jax_leaves(a["params"]), jax_leaves(b["params"])):
+    np.testing.assert_array_equal(x, y)
+  fresh = checkpoint.read_params(os.path.join(parts, "checkpoints", "2"))
+  assert any(not np.array_equal(x, y) for x, y in zip(
+      jax_leaves(fresh["params"]), jax_leaves(b["params"])))
+
+
+def jax_leaves(tree):
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.tree.leaves(tree)
 
 
 def test_image_folder_config_needs_a_data_dir():

@@ -6,9 +6,11 @@ classification dataset prepared in `dataset.data_dir` (e.g. 'imagenet2012',
 prepared from the ILSVRC2012 tars in `dataset.manual_dir` on first use).
 
 Each train iterator yields this process's slice of every global batch as
-numpy dicts `{'images': float32 [b, H, W, 3], 'labels': int32 [b]}` (soft
-float32 [b, num_classes] labels with MixUp/CutMix) and has `get_state()` /
-`set_state()` so that checkpoints can resume it exactly. Eval passes add a
+numpy dicts `{'images', 'labels'}`: float32 normalised images for the
+digits, uint8 crops (two per example when mixing) for image folders and
+TFDS, which `device_augment(config)` finishes inside the train step. It
+has `get_state()` / `set_state()` so that checkpoints can resume it
+exactly. Eval passes add a
 float32 `'mask'` marking real (1) versus padding (0) examples, so that every
 example is counted exactly once across processes.
 
@@ -78,14 +80,29 @@ def train_iterator(config: ml_collections.ConfigDict) -> arrays.EpochSampler:
         process_count=jax.process_count(), augment=augment)
   from nfnets.data import pipeline  # pylint: disable=g-import-not-at-top
   augment = pipeline.TrainAugment(
-      image_size=ds.image_size, randaugment_layers=ds.randaugment_layers,
-      randaugment_magnitude=ds.randaugment_magnitude,
-      mixup_alpha=ds.mixup_alpha, cutmix_alpha=ds.cutmix_alpha,
-      num_classes=ds.num_classes)
+      image_size=ds.image_size,
+      crops_per_example=device_augment(config).crops_per_example)
   return pipeline.SourceTrainIterator(
       _source(config, train=True), config.batch_size, augment=augment,
       seed=config.seed, process_index=jax.process_index(),
       process_count=jax.process_count())
+
+
+def device_augment(config: ml_collections.ConfigDict):
+  """The train step's on-device augmentation, or None (digits: none).
+
+  Image folders and TFDS datasets send uint8 crops; the step mixes them,
+  applies RandAugment and normalises (`nfnets.augment.batch`).
+  """
+  ds = config.dataset
+  if ds.name == "digits":
+    return None
+  from nfnets.augment import batch  # pylint: disable=g-import-not-at-top
+  return batch.DeviceAugment(
+      randaugment_layers=ds.randaugment_layers,
+      randaugment_magnitude=ds.randaugment_magnitude,
+      mixup_alpha=ds.mixup_alpha, cutmix_alpha=ds.cutmix_alpha,
+      mixup_or_cutmix=ds.mixup_or_cutmix, num_classes=ds.num_classes)
 
 
 def eval_pass(config: ml_collections.ConfigDict) -> Iterator[dict]:

@@ -8,10 +8,10 @@ dataset (`tfds.source.TFDSSource`). Reading by index lets every source share
 contiguous slices of each global batch, and an (epoch, batch) position that
 resumes exactly.
 
-Randomness never depends on the process count: an example's crop, flip and
-RandAugment are seeded by (seed, epoch, example index) and MixUp/CutMix by
-(seed, epoch, pair position), pairing the examples at positions 2i and 2i + 1
-of the epoch's order (both in the same per-process slice when it is even).
+Randomness never depends on the process count: a crop's window and flip
+are seeded by (seed, epoch, image index). Training batches leave the host as
+uint8 crops; MixUp, CutMix and RandAugment run on the accelerator, inside the
+train step (`nfnets.augment.batch`).
 
 Only this module and the sources import TensorFlow, inside functions, so the
 trainer, models and digits data never need it.
@@ -20,14 +20,11 @@ trainer, models and digits data never need it.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 
 from nfnets.data import arrays
-from nfnets.data import mixing
-from nfnets.data import randaugment
 from nfnets.data import transforms
 
 # Whole crop boxes for `sample_distorted_bounding_box`: the image itself.
@@ -47,27 +44,22 @@ class Source(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class TrainAugment:
-  """The training preprocessing: Inception crop and flip, then optional extras.
+  """The host's part of the training preprocessing (released `dataset.py`).
+
+  Per crop: an Inception-style random crop fused with decoding (a centre
+  crop when sampling returns the whole image), a bicubic resize to
+  `image_size` (not antialiased), a random flip, and rounding to uint8.
+  MixUp, CutMix and RandAugment run on the accelerator
+  (`nfnets.augment.batch.DeviceAugment`), which needs `crops_per_example`
+  crops for each training example.
 
   Attributes:
     image_size: output resolution.
-    randaugment_layers: RandAugment ops per image (0: off).
-    randaugment_magnitude: their magnitude (0-10 scale; higher extrapolates).
-    mixup_alpha: MixUp's Beta(alpha, alpha) parameter (0: off).
-    cutmix_alpha: CutMix's Beta(alpha, alpha) parameter (0: off). With both
-      on, even pairs get MixUp and odd pairs CutMix (`mixing.mix_pairs`).
-    num_classes: the label count, for the soft labels that mixing produces.
+    crops_per_example: 2 when mixing (the released code mixes 2B crops into
+      B examples), else 1.
   """
   image_size: int
-  randaugment_layers: int = 0
-  randaugment_magnitude: float = 0.0
-  mixup_alpha: float = 0.0
-  cutmix_alpha: float = 0.0
-  num_classes: int = 0
-
-  @property
-  def mixes(self) -> bool:
-    return self.mixup_alpha > 0 or self.cutmix_alpha > 0
+  crops_per_example: int = 1
 
 
 def _decode(raw, crop_window=None):
@@ -116,32 +108,38 @@ def _normalize(images):
           np.asarray(transforms.STDDEV_RGB, np.float32))
 
 
-def _train_example(raw, label, seed, augment: TrainAugment):
-  """Inception crop fused with decoding, resize, flip, RandAugment.
+def _train_example(raw, label, seed, image_size: int):
+  """One training crop: uint8 [S, S, 3] and the label.
 
-  Returns float32 [S, S, 3] normalised (mixing, an affine blend, commutes
-  with normalising) and the label.
+  As the released `_decode_and_random_crop` and `_preprocess_image`:
+  `sample_distorted_bounding_box` with `min_object_covered=0.1`, area
+  (0.08, 1), aspect (3/4, 4/3) and 10 attempts, and when it returns the
+  whole image the centre crop `S / (S + 32)` of the shorter side; then a
+  bicubic resize (TF's, not antialiased) and a flip. The released code mixes
+  the float resize; here it is rounded to uint8 for the trip to the device,
+  which moves a value by at most half a grey level (and clips overshoots).
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  crop_seed, flip_seed, ra_seed = tf.unstack(
-      tf.random.experimental.stateless_split(seed, 3))
+  crop_seed, flip_seed = tf.unstack(
+      tf.random.experimental.stateless_split(seed, 2))
   shape = _image_shape(raw)
   begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
       tf.concat([shape, [3]], 0), bounding_boxes=tf.constant(_WHOLE_IMAGE),
       seed=crop_seed, min_object_covered=0.1, aspect_ratio_range=(3 / 4, 4 / 3),
       area_range=(0.08, 1.0), max_attempts=10,
       use_image_if_no_bounding_boxes=True)
-  image = _decode(raw, tf.stack([begin[0], begin[1], size[0], size[1]]))
-  s = augment.image_size
-  image = tf.image.resize(image, [s, s], method="bilinear")
+  window = tf.stack([begin[0], begin[1], size[0], size[1]])
+  s = image_size
+  side = tf.cast(tf.cast(tf.reduce_min(shape), tf.float32) * s / (s + 32),
+                 tf.int32)
+  side = tf.maximum(side, 1)
+  centre = tf.stack([(shape[0] - side + 1) // 2, (shape[1] - side + 1) // 2,
+                     side, side])
+  whole = tf.reduce_all(tf.equal(size[:2], shape))
+  image = _decode(raw, tf.where(whole, centre, window))
+  image = tf.image.resize(image, [s, s], method="bicubic")
   image = tf.image.stateless_random_flip_left_right(image, flip_seed)
-  if augment.randaugment_layers:
-    pixels = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
-    pixels = randaugment.randaugment(pixels, ra_seed,
-                                     augment.randaugment_layers,
-                                     augment.randaugment_magnitude)
-    image = tf.cast(pixels, tf.float32)
-  return _normalize(image), label
+  return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8), label
 
 
 def _eval_example(raw, label, image_size: int,
@@ -205,8 +203,11 @@ class SourceTrainIterator(arrays.EpochSampler):
 
   Streams this process's slices of the rest of the current epoch through one
   prefetching tf.data pipeline, rebuilt at each epoch and after `set_state`.
-  Yields `{'images': float32 [B, S, S, 3] normalised, 'labels': int32 [B]}`,
-  the labels soft (float32 [B, num_classes]) when MixUp or CutMix is on.
+  Yields `{'images': uint8 [C * B, S, S, 3], 'labels': int32 [C * B]}` for
+  B examples of C = `augment.crops_per_example` crops each (example j's are
+  rows C j ... C j + C - 1); an epoch is a pass over the source's images, so
+  with two crops per example it holds half as many examples as images (the
+  released code's epochs count examples: `num_examples` is the images).
   """
 
   def __init__(self, source: Source, global_batch_size: int, *,
@@ -217,22 +218,17 @@ class SourceTrainIterator(arrays.EpochSampler):
     Args:
       source: the training examples.
       global_batch_size: examples per step summed over all processes.
-      augment: the preprocessing.
-      seed: seed for shuffling and augmentation.
+      augment: the host's preprocessing.
+      seed: seed for shuffling and the crops.
       process_index: index of this process in [0, process_count).
       process_count: number of processes sharing each global batch.
 
     Raises:
-      ValueError: for inconsistent batch sizes, or an odd per-process batch
-        with MixUp or CutMix (pairs would straddle processes).
+      ValueError: for inconsistent batch sizes.
     """
-    super().__init__(source.num_examples, global_batch_size, seed=seed,
+    super().__init__(source.num_examples,
+                     global_batch_size * augment.crops_per_example, seed=seed,
                      process_index=process_index, process_count=process_count)
-    if augment.mixes and (self.local_batch_size % 2 or
-                          augment.num_classes <= 0):
-      raise ValueError(
-          "MixUp/CutMix need an even per-process batch and num_classes > 0, "
-          f"got {self.local_batch_size} and {augment.num_classes}")
     self._source = source
     self._augment = augment
     self._stream = None
@@ -246,26 +242,13 @@ class SourceTrainIterator(arrays.EpochSampler):
     positions = (np.asarray(firsts, np.int64)[:, None] +
                  np.arange(local)).reshape(-1)
     files = self._permutation(epoch)[positions].astype(np.int64)
-    # Even counters seed examples, odd ones pairs: the streams never collide.
-    base = epoch * self.num_examples
-    column = np.full(positions.shape, self._seed, np.int64)
-    example_seeds = np.stack([column, 2 * (base + files)], 1)
-    pair_seeds = np.stack([column, 2 * (base + positions // 2) + 1], 1)
-    ds = _encoded_stream(self._source, files, local, example_seeds,
-                         pair_seeds, positions)
-    augment = self._augment
-    ds = ds.map(lambda raw, y, s, ps, pos: _train_example(raw, y, s, augment)
-                + (ps, pos), num_parallel_calls=tf.data.AUTOTUNE,
-                deterministic=True)
+    seeds = np.stack([np.full(positions.shape, self._seed, np.int64),
+                      epoch * self.num_examples + files], 1)
+    ds = _encoded_stream(self._source, files, local, seeds)
+    size = self._augment.image_size
+    ds = ds.map(lambda raw, y, s: _train_example(raw, y, s, size),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(local, drop_remainder=True)
-
-    if augment.mixes:
-      mix = functools.partial(
-          mixing.mix_pairs, mixup_alpha=augment.mixup_alpha,
-          cutmix_alpha=augment.cutmix_alpha, num_classes=augment.num_classes)
-      ds = ds.map(mix, num_parallel_calls=2, deterministic=True)
-    else:
-      ds = ds.map(lambda images, labels, *_: (images, labels))
     return iter(ds.prefetch(2).as_numpy_iterator())
 
   def __next__(self) -> dict[str, np.ndarray]:
@@ -277,7 +260,7 @@ class SourceTrainIterator(arrays.EpochSampler):
     if self._batch == 0:
       self._stream = None  # A new epoch: a new permutation.
     self._stream_at = (self._epoch, self._batch)
-    return {"images": np.asarray(images, np.float32), "labels": labels}
+    return {"images": images, "labels": labels}
 
 
 def eval_pass(source: Source, global_batch_size: int, *, image_size: int,

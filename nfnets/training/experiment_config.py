@@ -117,9 +117,13 @@ def base_config() -> ml_collections.ConfigDict:
       # TFDS splits; "" evaluates on 'validation', else 'test'.
       train_split="train", eval_split="",
       # Training augmentation after the Inception crop and flip (image_folder
-      # and TFDS): RandAugment ops and magnitude, MixUp and CutMix alphas.
+      # and TFDS), on the accelerator in the released order: MixUp and CutMix
+      # alphas (two crops per example), then RandAugment ops and magnitude.
       randaugment_layers=0, randaugment_magnitude=0.0,
       mixup_alpha=0.0, cutmix_alpha=0.0,
+      # With both alphas on: one of MixUp and CutMix per batch instead of
+      # half the examples each (the released code's `mixup_or_cutmix`).
+      mixup_or_cutmix=False,
       # Evaluation crop and resampling (image_folder and TFDS), as the
       # released code's: `nfnets.data.transforms.EvalPreproc` names the crop
       # ('resize_crop_32', 'resize_crop_0.875', 'crop_resize', ...); the

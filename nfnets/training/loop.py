@@ -241,8 +241,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       _log_eval(int(state.step), results, writer)
       return results
     state, results = _train_loop(config, state, train_iter, total_steps,
-                                 steps.make_train_step(model, optimizer,
-                                                       schedule, config, mesh),
+                                 steps.make_train_step(
+                                     model, optimizer, schedule, config, mesh,
+                                     data.device_augment(config)),
                                  ckpt, writer, mesh, eval_step, mode)
     if "preempted" not in results:
       eval_results = evaluate(state, eval_step, config, mesh)

@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 import jmp
 import ml_collections
+import numpy as np
 import optax
 
 from nfnets import sam
@@ -30,6 +31,11 @@ from nfnets.ops import norms
 from nfnets.ops import switch
 from nfnets.training import optim
 from nfnets.training import parallel
+
+
+# `fold_in(state.rng, AUGMENT_STREAM)` keys the on-device augmentation; the
+# model's keys fold in the step, which never reaches this value.
+AUGMENT_STREAM = np.uint32(0xFFFFFFFF)
 
 
 class TrainState(NamedTuple):
@@ -134,8 +140,16 @@ def make_train_step(model: hk.TransformedWithState,
                     optimizer: optax.GradientTransformation,
                     schedule: optax.Schedule,
                     config: ml_collections.ConfigDict,
-                    mesh: Mesh) -> Callable[[TrainState, Any], Any]:
+                    mesh: Mesh,
+                    augment: Callable[..., Any] | None = None
+                    ) -> Callable[[TrainState, Any], Any]:
   """Returns the jitted, state-donating `train_step(state, batch)`.
+
+  With `augment` (`nfnets.augment.batch.DeviceAugment`, from
+  `nfnets.data.device_augment`), each device first turns its slice of uint8
+  crops into the normalised, mixed and RandAugment'ed examples, with keys
+  from the state's RNG, the step and each example's index in the global
+  batch (the same on any number of devices, and after a resume).
 
   With `config.accumulation_steps = k > 1`, each device's slice of the batch
   is cut into k micro-batches whose gradients are averaged before the
@@ -152,6 +166,7 @@ def make_train_step(model: hk.TransformedWithState,
     schedule: the learning-rate schedule (for logging).
     config: the experiment config.
     mesh: the data mesh; `batch` is sharded over it, the state replicated.
+    augment: the on-device augmentation, or None (the batch is ready).
 
   Returns:
     `train_step(state, batch) -> (state, metrics)`, metrics a dict of
@@ -214,6 +229,14 @@ def make_train_step(model: hk.TransformedWithState,
     # not depend on how often the run was resumed.
     rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
                              lax.axis_index(parallel.AXIS))
+    if augment is not None:
+      key = jax.random.fold_in(
+          jax.random.fold_in(state.rng, AUGMENT_STREAM), state.step)
+      examples = batch["images"].shape[0] // augment.crops_per_example
+      images, labels = augment(
+          batch["images"], batch["labels"], key,
+          lax.axis_index(parallel.AXIS) * examples)
+      batch = {"images": images, "labels": labels}
     step_fn = micro_step if accumulation == 1 else accumulated_step
     loss, accuracy, grads, model_state = step_fn(
         state.params, state.model_state, batch, rng)

@@ -1,0 +1,1 @@
+"""Training augmentation that runs on the accelerator, in JAX."""
