@@ -38,6 +38,10 @@ for repeat in 1 2 3; do
   bench $f0 --batch_size=256 --steps=30 --plain
   [ $repeat -lt 3 ] && bench $f0 --batch_size=256 --steps=30
 done
+# The step's on-device augmentation alone (MixUp/CutMix + RandAugment 4x5 of
+# 512 crops): its share of the step above; and the step without it.
+bench $f0 --batch_size=256 --steps=30 --mode=augment
+bench $f0 --batch_size=256 --steps=30 --noaugment
 # The strided grouped convolutions' input gradient: polyphase (the models')
 # against XLA's zero-interleaved one, forward + backward, F0 at batch 256.
 python3 benchmarks/bench_conv.py --batch_size=256 --image_size=192 --json \

@@ -192,7 +192,7 @@ def test_two_processes_equal_one_process_with_the_same_devices(runs):
   # Not vacuous: training moved the weights by far more than the tolerance.
   first, last = (read_state(reference, s)["params"] for s in (2, NUM_STEPS))
   assert max(float(np.abs(a - b).max()) for a, b in zip(
-      jax.tree.leaves(first), jax.tree.leaves(last))) > 1e-3
+      jax.tree.leaves(first), jax.tree.leaves(last))) > 1e-4
   # Process 0 alone writes the metrics; the evaluation counts every example
   # once across processes and agrees with the single process.
   got, want = read_metrics(two), read_metrics(reference)

@@ -77,6 +77,8 @@ def test_two_crops_per_example_when_mixing(source):
   batch = next(iterator)
   assert batch["images"].shape == (8, 24, 24, 3)
   assert batch["labels"].shape == (8,)
+  with pytest.raises(ValueError, match="batch_size 12 reads 24 images a step"):
+    _iterator(source, batch=12, crops_per_example=2)
 
 
 @pytest.mark.parametrize("crops", [1, 2])

@@ -46,7 +46,7 @@ def test_one_and_eight_devices_give_the_same_sam_step():
   fresh, _ = setup(config, Mesh(np.asarray(jax.devices()[:1]), ("data",)))
   moved = [np.abs(a - b).max() for a, b in zip(
       jax.tree.leaves(fresh.params), jax.tree.leaves(one.params))]
-  assert max(moved) > 1e-3
+  assert max(moved) > 1e-4
 
 
 def test_fast_paths_on_and_off_give_the_same_step():
@@ -81,7 +81,7 @@ def test_fast_paths_on_and_off_give_the_same_step():
   fresh, _ = setup(tiny_config(), Mesh(np.asarray(jax.devices()[:1]),
                                         ("data",)))
   assert max(np.abs(a - b).max() for a, b in zip(
-      jax.tree.leaves(fresh.params), jax.tree.leaves(reference.params))) > 1e-3
+      jax.tree.leaves(fresh.params), jax.tree.leaves(reference.params))) > 1e-4
 
 
 def test_masks_and_ema_act_on_the_right_leaves_of_nfnet_f0():
@@ -99,7 +99,8 @@ def test_masks_and_ema_act_on_the_right_leaves_of_nfnet_f0():
   assert not wd["NFNet/~/linear"]["b"]
   from nfnets import agc  # pylint: disable=g-import-not-at-top
   mask = agc.classifier_mask(params)
-  assert not mask["NFNet/~/linear"]["w"] and not mask["NFNet/~/linear"]["b"]
+  # AGC skips the classifier's weight only (the released `_make_opt`).
+  assert not mask["NFNet/~/linear"]["w"] and mask["NFNet/~/linear"]["b"]
   assert mask["NFNet/~/nf_block_2/~/squeeze_excite/~/linear"]["w"]
   assert mask["NFNet/~/stem_conv0"]["gain"]
   assert mask["NFNet/~/nf_block_2"]["skip_gain"]

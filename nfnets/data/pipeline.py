@@ -226,8 +226,13 @@ class SourceTrainIterator(arrays.EpochSampler):
     Raises:
       ValueError: for inconsistent batch sizes.
     """
-    super().__init__(source.num_examples,
-                     global_batch_size * augment.crops_per_example, seed=seed,
+    crops = global_batch_size * augment.crops_per_example
+    if augment.crops_per_example > 1 and crops > source.num_examples:
+      raise ValueError(
+          f"batch_size {global_batch_size} reads {crops} images a step (two "
+          "crops per example with MixUp/CutMix), more than the "
+          f"{source.num_examples} training images")
+    super().__init__(source.num_examples, crops, seed=seed,
                      process_index=process_index, process_count=process_count)
     self._source = source
     self._augment = augment
