@@ -25,6 +25,42 @@ def check_image(images: jax.Array, total_stride: int) -> None:
         f"{total_stride}x{total_stride}")
 
 
+def residual_end(branch: jax.Array, shortcut: jax.Array, *, se, alpha: float,
+                 drop_rate: float, scale_by_keep: bool,
+                 is_training: bool) -> tuple[jax.Array, jax.Array]:
+  """`shortcut + alpha * skip_gain * [2 * SE gate] * branch`, with stochastic
+  depth: how the NF blocks end (ICML 2021, Sec. 5.1; ICLR 2021, Sec. 4).
+
+  Call it inside the block's `__call__`: it creates the block's `skip_gain`
+  (a scalar, zero at init). The factors fold into one multiply of the branch
+  (`layers.stochastic_depth`).
+
+  Args:
+    branch: the residual branch's output [N, H, W, C].
+    shortcut: what it is added to.
+    se: the block's `layers.SqueezeExcite`, or None.
+    alpha: the residual scale.
+    drop_rate: the block's stochastic-depth rate.
+    scale_by_keep: divide kept branches by the keep probability.
+    is_training: drops branches only in training.
+
+  Returns:
+    (block output, the gated branch's average channel variance).
+  """
+  skip_gain = hk.get_parameter("skip_gain", (), init=jnp.zeros)
+  scale = skip_gain.astype(jnp.float32) * alpha
+  if se is not None:
+    gate = 2.0 * se(branch).astype(jnp.float32)
+    scale = scale * gate
+    # The gated branch itself is only needed for the signal metrics.
+    _, res_var = layers.signal_metrics(gate * branch)
+  else:
+    _, res_var = layers.signal_metrics(branch)
+  out = layers.stochastic_depth(branch, drop_rate, is_training, scale,
+                                scale_by_keep)
+  return out + shortcut, res_var
+
+
 def classifier(num_classes: int, init_std: float) -> hk.Linear:
   """The head `linear`: weights N(0, init_std^2), or zeros for 0; bias 0.
 

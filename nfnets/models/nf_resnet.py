@@ -10,7 +10,6 @@ from typing import Optional, Union
 
 import haiku as hk
 import jax
-import jax.numpy as jnp
 
 from nfnets import layers
 from nfnets.models import common
@@ -81,17 +80,9 @@ class NFResBlock(hk.Module):
     out = self.conv0(out)
     out = self.conv1(self.activation(out))
     out = self.conv2(self.activation(out))
-    skip_gain = hk.get_parameter("skip_gain", (), init=jnp.zeros)
-    scale = skip_gain.astype(jnp.float32) * self.alpha
-    if self.se is not None:
-      gate = 2.0 * self.se(out).astype(jnp.float32)
-      scale = scale * gate
-      _, res_var = layers.signal_metrics(gate * out)
-    else:
-      _, res_var = layers.signal_metrics(out)
-    out = layers.stochastic_depth(out, self.drop_rate, is_training, scale,
-                                  self.scale_by_keep)
-    return out + shortcut, res_var
+    return common.residual_end(
+        out, shortcut, se=self.se, alpha=self.alpha, drop_rate=self.drop_rate,
+        scale_by_keep=self.scale_by_keep, is_training=is_training)
 
 
 class NFResNet(hk.Module):

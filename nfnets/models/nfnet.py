@@ -11,7 +11,6 @@ from typing import Optional, Sequence, Union
 
 import haiku as hk
 import jax
-import jax.numpy as jnp
 
 from nfnets import layers
 from nfnets.models import common
@@ -160,18 +159,9 @@ class NFBlock(hk.Module):
     if self.conv1b is not None:
       out = self.conv1b(self.activation(out))
     out = self.conv2(self.activation(out))
-    skip_gain = hk.get_parameter("skip_gain", (), init=jnp.zeros)
-    scale = skip_gain.astype(jnp.float32) * self.alpha
-    if self.se is not None:
-      gate = 2.0 * self.se(out).astype(jnp.float32)
-      scale = scale * gate
-      # The gated branch itself is only needed for the signal metrics.
-      _, res_var = layers.signal_metrics(gate * out)
-    else:
-      _, res_var = layers.signal_metrics(out)
-    out = layers.stochastic_depth(out, self.drop_rate, is_training, scale,
-                                  self.scale_by_keep)
-    return out + shortcut, res_var
+    return common.residual_end(
+        out, shortcut, se=self.se, alpha=self.alpha, drop_rate=self.drop_rate,
+        scale_by_keep=self.scale_by_keep, is_training=is_training)
 
 
 class NFNet(hk.Module):
