@@ -2,8 +2,9 @@
 
 Resume order: the workdir's newest readable checkpoint, then
 `config.init_from` (weights only), then a fresh init. Checkpoints are saved
-every `checkpoint.every_steps`, at the end and on SIGTERM (preemption); a
-non-finite loss stops the run after saving the last good state.
+every `checkpoint.every_steps`, at the end and on SIGTERM (preemption,
+checked after every train step and every eval batch); a non-finite loss
+stops the run after saving the last good state.
 """
 
 import json
@@ -95,26 +96,30 @@ def _load_init_from(path: str, abstract: steps.TrainState,
 
 
 class _Preemption:
-  """Tells the loop, after each step, whether to save and stop (SIGTERM).
+  """Says, after each train step and each eval batch, whether to stop.
 
   One process: a SIGTERM handler sets a flag. Several processes: JAX's
   preemption service (started by `jax.distributed`, which catches SIGTERM
-  itself) agrees on one step for all, so that every process saves the same
-  step and none waits in a collective for a peer that stopped.
+  itself) agrees on one sync point for all, so that every process stops at
+  the same train step or eval batch and none waits in a collective for a
+  peer that stopped. Its sync points are the calls to `requested`, counted:
+  every process makes the same calls in the same order.
   """
 
   def __init__(self):
     self._flag = False
     self._previous = None
+    self._calls = 0
     self._multi = jax.process_count() > 1
     if not self._multi and (threading.current_thread() is
                             threading.main_thread()):
       self._previous = signal.signal(signal.SIGTERM, self._handle)
 
-  def requested(self, step: int) -> bool:
-    """Whether to stop after `step` (call once per step, on every process)."""
+  def requested(self) -> bool:
+    """Whether to stop now (call at the same points on every process)."""
+    self._calls += 1
     if self._multi:
-      return multihost_utils.reached_preemption_sync_point(step)
+      return multihost_utils.reached_preemption_sync_point(self._calls)
     return self._flag
 
   def _handle(self, signum, frame):
@@ -127,12 +132,20 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def evaluate(state: steps.TrainState, eval_step, config, mesh) -> dict:
-  """Top-1, top-5 and loss of the raw and EMA weights on the eval split."""
+def evaluate(state: steps.TrainState, eval_step, config, mesh,
+             preemption: _Preemption | None = None) -> dict | None:
+  """Top-1, top-5 and loss of the raw and EMA weights on the eval split.
+
+  Returns None when `preemption` asks to stop, checked after every batch.
+  """
   start = time.time()
   totals = None
   for batch in data.eval_pass(config):
     sums = eval_step(state, parallel.shard_batch(batch, mesh))
+    if preemption is not None and preemption.requested():
+      logging.warning("preempted during the evaluation at step %d",
+                      int(state.step))
+      return None
     totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
   totals = jax.device_get(totals)
   count = float(totals["count"])
@@ -231,39 +244,50 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                  config.checkpoint.max_to_keep,
                                  config.checkpoint.async_save)
   writer = None
+  # SIGTERM (preemption) is honoured from here to the end: after the train
+  # step or eval batch it arrives in, with a checkpoint of the last step.
+  preemption = _Preemption()
   try:
     state = _restore_or_init(config, ckpt, abstract, init_fn, train_iter,
                              optimizer, mesh, mode, workdir)
     writer = MetricWriter(workdir)
     eval_step = steps.make_eval_step(model, config, mesh)
     if mode == "eval":
-      results = evaluate(state, eval_step, config, mesh)
+      results = evaluate(state, eval_step, config, mesh, preemption)
+      if results is None:
+        return {"preempted": int(state.step)}
       _log_eval(int(state.step), results, writer)
       return results
     state, results = _train_loop(config, state, train_iter, total_steps,
                                  steps.make_train_step(
                                      model, optimizer, schedule, config, mesh,
                                      data.device_augment(config)),
-                                 ckpt, writer, mesh, eval_step, mode)
-    if "preempted" not in results:
-      eval_results = evaluate(state, eval_step, config, mesh)
-      _log_eval(int(state.step), eval_results, writer)
-      results.update(eval_results)
-      if jax.process_index() == 0:
-        # Marks a finished run (the sweep launcher skips these).
-        with open(os.path.join(workdir, "done.json"), "w") as f:
-          json.dump(results, f, indent=1)
+                                 ckpt, writer, mesh, eval_step, mode,
+                                 preemption)
+    if "preempted" in results:
+      return results
+    eval_results = evaluate(state, eval_step, config, mesh, preemption)
+    if eval_results is None:
+      # The last step is saved; a restart evaluates it again.
+      ckpt.wait()
+      return {**results, "preempted": int(state.step)}
+    _log_eval(int(state.step), eval_results, writer)
+    results.update(eval_results)
+    if jax.process_index() == 0:
+      # Marks a finished run (the sweep launcher skips these).
+      with open(os.path.join(workdir, "done.json"), "w") as f:
+        json.dump(results, f, indent=1)
     return results
   finally:
+    preemption.restore()
     ckpt.close()
     if writer is not None:
       writer.close()
 
 
 def _train_loop(config, state, train_iter, total_steps, train_step, ckpt,
-                writer, mesh, eval_step, mode):
+                writer, mesh, eval_step, mode, preemption):
   """Runs steps to `total_steps`; returns the state and the last metrics."""
-  preemption = _Preemption()
   step = int(state.step)
   batch_size = config.batch_size
   logging.info("training %s from step %d to %d (%d devices, batch %d)",
@@ -289,45 +313,49 @@ def _train_loop(config, state, train_iter, total_steps, train_step, ckpt,
           f"good state (step {good}) is saved in {ckpt.directory}; lower the "
           "learning rate or check the data")
 
-  try:
-    while step < total_steps:
-      batch = parallel.shard_batch(next(train_iter), mesh)
-      state, metrics = train_step(state, batch)
-      step += 1
-      positions[step] = train_iter.get_state()
-      pending.append(metrics)
-      if step % config.log_every_steps == 0 or step == total_steps:
-        check_finite()
-        positions = {step: positions[step]}
-        fetched = jax.device_get(pending)
-        pending = []
-        now = time.time()
-        results = {k: float(np.mean([m[k] for m in fetched]))
-                   for k in fetched[0]}
-        results["images_per_sec"] = (step - last_step) * batch_size / (
-            now - last_time)
-        writer.write(step, results)
-        eta = (total_steps - step) * (now - run_start) / (step - first_step)
-        if jax.process_index() == 0:
-          logging.info("step %d/%d: loss %.4f, train acc %.3f, lr %.4g, "
-                       "%.0f img/s, ETA %.0fs", step, total_steps,
-                       results["loss"], results["train_accuracy"],
-                       results["learning_rate"], results["images_per_sec"],
-                       eta)
-        last_time, last_step = now, step
-      if step % config.checkpoint.every_steps == 0 or step == total_steps:
-        check_finite()
-        ckpt.save(step, state, train_iter.get_state())
-      if (mode == "train_eval" and config.eval_every_steps and
-          step % config.eval_every_steps == 0 and step < total_steps):
-        _log_eval(step, evaluate(state, eval_step, config, mesh), writer)
-      if preemption.requested(step):
-        check_finite()
-        ckpt.save(step, state, train_iter.get_state())
-        ckpt.wait()
-        logging.warning("preempted: checkpoint saved at step %d", step)
-        results["preempted"] = step
+  def stop():
+    check_finite()
+    ckpt.save(step, state, train_iter.get_state())
+    ckpt.wait()
+    logging.warning("preempted: checkpoint saved at step %d", step)
+    results["preempted"] = step
+
+  while step < total_steps:
+    batch = parallel.shard_batch(next(train_iter), mesh)
+    state, metrics = train_step(state, batch)
+    step += 1
+    positions[step] = train_iter.get_state()
+    pending.append(metrics)
+    if step % config.log_every_steps == 0 or step == total_steps:
+      check_finite()
+      positions = {step: positions[step]}
+      fetched = jax.device_get(pending)
+      pending = []
+      now = time.time()
+      results = {k: float(np.mean([m[k] for m in fetched]))
+                 for k in fetched[0]}
+      results["images_per_sec"] = (step - last_step) * batch_size / (
+          now - last_time)
+      writer.write(step, results)
+      eta = (total_steps - step) * (now - run_start) / (step - first_step)
+      if jax.process_index() == 0:
+        logging.info("step %d/%d: loss %.4f, train acc %.3f, lr %.4g, "
+                     "%.0f img/s, ETA %.0fs", step, total_steps,
+                     results["loss"], results["train_accuracy"],
+                     results["learning_rate"], results["images_per_sec"],
+                     eta)
+      last_time, last_step = now, step
+    if step % config.checkpoint.every_steps == 0 or step == total_steps:
+      check_finite()
+      ckpt.save(step, state, train_iter.get_state())
+    if (mode == "train_eval" and config.eval_every_steps and
+        step % config.eval_every_steps == 0 and step < total_steps):
+      eval_results = evaluate(state, eval_step, config, mesh, preemption)
+      if eval_results is None:
+        stop()
         break
-  finally:
-    preemption.restore()
+      _log_eval(step, eval_results, writer)
+    if preemption.requested():
+      stop()
+      break
   return state, results
