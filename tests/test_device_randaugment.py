@@ -1,14 +1,11 @@
 """Tests of the on-device RandAugment against numpy versions of the reference.
 
 The reference is `distort_image_with_randaugment` in DeepMind's released NFNet
-code (deepmind-research `nfnets/autoaugment.py`). Each `np_*` function below
-restates one of its ops from that code, independently of
-`nfnets.augment.randaugment`: float32 arithmetic one operation at a time, in
-TensorFlow's order, and plain loops where the reference works per pixel.
+code (deepmind-research `nfnets/autoaugment.py`); randaugment_reference.py
+restates each of its ops in numpy, independently of `nfnets.augment`.
 """
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +14,9 @@ from PIL import Image
 from PIL import ImageOps
 import pytest
 
+from nfnets.augment import geometric
 from nfnets.augment import randaugment as ra
+import randaugment_reference as reference  # pylint: disable=g-bad-import-order
 
 SEED = 0
 H, W = 20, 28  # Non-square, so that height and width mix-ups show.
@@ -57,117 +56,6 @@ def _keys(n, seed=SEED):
   return jax.random.split(jax.random.key(seed), n)
 
 
-# Numpy restatements of the reference.
-
-
-def np_blend(image1, image2, factor):
-  if factor == 0.0:
-    return image1
-  if factor == 1.0:
-    return image2
-  a, b = image1.astype(np.float32), image2.astype(np.float32)
-  out = a + np.float32(factor) * (b - a)
-  if 0.0 < factor < 1.0:
-    return out.astype(np.uint8)
-  return np.clip(out, 0.0, 255.0).astype(np.uint8)
-
-
-def np_color(image, factor):
-  rgb = image.astype(np.float32) * np.float32(1.0 / 255)
-  w = np.array([0.2989, 0.5870, 0.1140], np.float32)
-  grey = (rgb[..., 0] * w[0] + rgb[..., 1] * w[1]) + rgb[..., 2] * w[2]
-  grey = (grey * np.float32(255.5)).astype(np.uint8)
-  return np_blend(np.repeat(grey[..., None], 3, -1), image, factor)
-
-
-def np_contrast(image, factor):
-  h, w = image.shape[:2]
-  mean = np.clip(np.float32(h * w) / np.float32(256.0), 0.0, 255.0)
-  return np_blend(np.full_like(image, np.uint8(mean)), image, factor)
-
-
-def np_sharpness(image, factor):
-  h, w = image.shape[:2]
-  pixels = image.astype(np.float32)
-  kernel = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], np.float32) / 13
-  total = np.zeros((h - 2, w - 2, 3), np.float32)
-  for dy in range(3):
-    for dx in range(3):
-      total = total + pixels[dy:dy + h - 2, dx:dx + w - 2] * kernel[dy, dx]
-  smooth = image.copy()
-  smooth[1:-1, 1:-1] = np.clip(total, 0.0, 255.0).astype(np.uint8)
-  return np_blend(smooth, image, factor)
-
-
-def np_autocontrast(image):
-  out = image.copy()
-  for c in range(3):
-    lo, hi = np.float32(image[..., c].min()), np.float32(image[..., c].max())
-    if hi > lo:
-      scale = np.float32(255.0) / (hi - lo)
-      stretched = image[..., c].astype(np.float32) * scale + (-lo * scale)
-      out[..., c] = np.clip(stretched, 0.0, 255.0).astype(np.uint8)
-  return out
-
-
-def np_equalize(image):
-  out = image.copy()
-  for c in range(3):
-    hist = np.bincount(image[..., c].ravel(), minlength=256)
-    nonzero = hist[hist != 0]
-    step = (nonzero.sum() - nonzero[-1]) // 255
-    if step:
-      lut = (np.cumsum(hist) + step // 2) // step
-      lut = np.clip(np.concatenate([[0], lut[:-1]]), 0, 255)
-      out[..., c] = lut[image[..., c]]
-  return out
-
-
-def _std_round(v):
-  return int(math.copysign(math.floor(abs(v) + 0.5), v))
-
-
-def np_warp(image, t):
-  """tfa.image.transform (nearest) + unwrap: output (x, y) reads the input at
-  (t0 x + t1 y + t2, t3 x + t4 y + t5) in float32, std::round, else 128."""
-  t = [np.float32(v) for v in t]
-  h, w = image.shape[:2]
-  out = np.full_like(image, 128)
-  for y in range(h):
-    for x in range(w):
-      fx, fy = np.float32(x), np.float32(y)
-      sx = _std_round(float((t[0] * fx + t[1] * fy) + t[2]))
-      sy = _std_round(float((t[3] * fx + t[4] * fy) + t[5]))
-      if 0 <= sx < w and 0 <= sy < h:
-        out[y, x] = image[sy, sx]
-  return out
-
-
-def np_rotation(degrees, h, w):
-  """tfa.image.rotate's transform (angles_to_projective_transforms)."""
-  radians = np.float32(degrees) * np.float32(math.pi / 180.0)
-  cos = np.float32(math.cos(radians))
-  sin = np.float32(math.sin(radians))
-  w1, h1 = np.float32(w - 1), np.float32(h - 1)
-  return [cos, -sin, (w1 - (cos * w1 - sin * h1)) / np.float32(2), sin, cos,
-          (h1 - (sin * w1 + cos * h1)) / np.float32(2)]
-
-
-def np_shift(image, pixels, axis):
-  """Output index i reads input index i + pixels along `axis`, else 128."""
-  out = np.full_like(image, 128)
-  source = np.arange(image.shape[axis]) + pixels
-  ok = (source >= 0) & (source < image.shape[axis])
-  np.moveaxis(out, axis, 0)[ok] = np.moveaxis(image, axis, 0)[source[ok]]
-  return out
-
-
-def np_cutout(image, pad, cy, cx):
-  out = image.copy()
-  out[max(0, cy - pad):cy + pad, max(0, cx - pad):cx + pad] = 128
-  return out
-
-
 def _signs_matched(outputs, plus, minus):
   """The signs whose reference the outputs equal; each must equal one."""
   assert not np.array_equal(plus, minus)
@@ -187,15 +75,15 @@ def test_each_op_matches_the_reference(m):
   assert out.dtype == np.uint8 and out.shape == (16, len(ra.OPS), H, W, 3)
   f = _factor(m)
   expected = {
-      "AutoContrast": np_autocontrast(image),
-      "Equalize": np_equalize(image),
+      "AutoContrast": reference.np_autocontrast(image),
+      "Equalize": reference.np_equalize(image),
       "Invert": 255 - image,
       "Posterize": image >> (8 - BITS[m]) << (8 - BITS[m]),
       "Solarize": np.where(image < SOLARIZE[m], image, 255 - image),
-      "Color": np_color(image, f),
-      "Contrast": np_contrast(image, f),
-      "Brightness": np_blend(np.zeros_like(image), image, f),
-      "Sharpness": np_sharpness(image, f),
+      "Color": reference.np_color(image, f),
+      "Contrast": reference.np_contrast(image, f),
+      "Brightness": reference.np_blend(np.zeros_like(image), image, f),
+      "Sharpness": reference.np_sharpness(image, f),
       "SolarizeAdd": np.where(image < 128, np.minimum(
           image.astype(int) + ADDITION[m], 255), image),
       # Shifts of 50 px and more leave nothing of a 28 px wide image.
@@ -207,18 +95,18 @@ def test_each_op_matches_the_reference(m):
       np.testing.assert_array_equal(out[k, OP[name]], want, err_msg=name)
   level = m / 10
   for name, transform in (
-      ("Rotate", lambda s: np_rotation(s * level * 30, H, W)),
+      ("Rotate", lambda s: reference.np_rotation(s * level * 30, H, W)),
       ("ShearX", lambda s: [1, s * level * 0.3, 0, 0, 1, 0]),
       ("ShearY", lambda s: [1, 0, 0, s * level * 0.3, 1, 0])):
-    signs = _signs_matched(out[:, OP[name]], np_warp(image, transform(1)),
-                           np_warp(image, transform(-1)))
+    signs = _signs_matched(out[:, OP[name]], reference.np_warp(image, transform(1)),
+                           reference.np_warp(image, transform(-1)))
     assert signs == {1, -1}, name
   # Cutout: some uniform centre's clipped square of side 2 * pad, grey.
   centres = set()
   for k in range(out.shape[0]):
     found = [(cy, cx) for cy in range(H) for cx in range(W)
              if np.array_equal(out[k, OP["Cutout"]],
-                               np_cutout(image, PAD[m], cy, cx))]
+                               reference.np_cutout(image, PAD[m], cy, cx))]
     assert found, "Cutout is no clipped square at any centre"
     centres.add(found[0])
   assert m > 5 or len(centres) > 1
@@ -245,7 +133,7 @@ def test_contrast_blends_towards_pixel_count_over_256():
     image = np.random.default_rng(SEED).integers(0, 256, (h, w, 3))
     image = image.astype(np.uint8)
     out = np.asarray(ra.contrast(image, _factor(10)))
-    want = np_blend(np.full_like(image, grey), image, _factor(10))
+    want = reference.np_blend(np.full_like(image, grey), image, _factor(10))
     np.testing.assert_array_equal(out, want)
 
 
@@ -258,8 +146,8 @@ def test_translate_and_cutout_sizes_on_a_large_image(m):
   out = np.asarray(_ops(image, _keys(8, seed=1), float(m), names))
   p = PIXELS[m]
   for i, axis in ((0, 1), (1, 0)):
-    signs = _signs_matched(out[:, i], np_shift(image, p, axis),
-                           np_shift(image, -p, axis))
+    signs = _signs_matched(out[:, i], reference.np_shift(image, p, axis),
+                           reference.np_shift(image, -p, axis))
     assert signs == {1, -1}
   for cut in out[:, 2]:
     grey = np.all(cut == 128, axis=-1)
@@ -270,7 +158,7 @@ def test_translate_and_cutout_sizes_on_a_large_image(m):
     cy = rows[0] + PAD[m] if rows[0] > 0 else rows[-1] + 1 - PAD[m]
     cx = cols[0] + PAD[m] if cols[0] > 0 else cols[-1] + 1 - PAD[m]
     assert 0 <= cy < size and 0 <= cx < size
-    np.testing.assert_array_equal(cut, np_cutout(image, PAD[m], cy, cx))
+    np.testing.assert_array_equal(cut, reference.np_cutout(image, PAD[m], cy, cx))
 
 
 def test_blend_on_every_pair_of_values():
@@ -282,7 +170,7 @@ def test_blend_on_every_pair_of_values():
   blend = jax.jit(ra.blend, static_argnums=2)  # Jitted: XLA fuses there.
   for m in range(21):
     np.testing.assert_array_equal(blend(image1, image2, _factor(m)),
-                                  np_blend(image1, image2, _factor(m)))
+                                  reference.np_blend(image1, image2, _factor(m)))
 
 
 def test_color_grey_level_where_rounding_matters():
@@ -301,7 +189,7 @@ def test_color_grey_level_where_rounding_matters():
   assert image.shape[1] > 1000
   color = jax.jit(ra.color, static_argnums=1)
   # Factor 0 returns the degenerate image: the grey level itself.
-  np.testing.assert_array_equal(color(image, 0.0), np_color(image, 0.0))
+  np.testing.assert_array_equal(color(image, 0.0), reference.np_color(image, 0.0))
 
 
 def test_autocontrast_on_many_ranges():
@@ -313,21 +201,21 @@ def test_autocontrast_on_many_ranges():
   images = images.astype(np.uint8)  # Each channel holds every value lo..hi.
   out = np.asarray(jax.jit(jax.vmap(ra.autocontrast))(images))
   for image, got in zip(images, out):
-    np.testing.assert_array_equal(got, np_autocontrast(image))
+    np.testing.assert_array_equal(got, reference.np_autocontrast(image))
 
 
 def test_geometric_ops_with_a_given_sign():
   image = _image(16, 16)
-  np.testing.assert_array_equal(ra.rotate(image, 90.0), np.rot90(image))
-  np.testing.assert_array_equal(ra.rotate(image, -90.0), np.rot90(image, -1))
-  np.testing.assert_array_equal(ra.translate_x(image, 5.0),
-                                np_shift(image, 5, axis=1))
-  np.testing.assert_array_equal(ra.translate_y(image, -3.0),
-                                np_shift(image, -3, axis=0))
-  np.testing.assert_array_equal(ra.shear_x(image, 0.3),
-                                np_warp(image, [1, 0.3, 0, 0, 1, 0]))
-  np.testing.assert_array_equal(ra.shear_y(image, -0.3),
-                                np_warp(image, [1, 0, 0, -0.3, 1, 0]))
+  np.testing.assert_array_equal(geometric.rotate(image, 90.0), np.rot90(image))
+  np.testing.assert_array_equal(geometric.rotate(image, -90.0), np.rot90(image, -1))
+  np.testing.assert_array_equal(geometric.translate_x(image, 5.0),
+                                reference.np_shift(image, 5, axis=1))
+  np.testing.assert_array_equal(geometric.translate_y(image, -3.0),
+                                reference.np_shift(image, -3, axis=0))
+  np.testing.assert_array_equal(geometric.shear_x(image, 0.3),
+                                reference.np_warp(image, [1, 0.3, 0, 0, 1, 0]))
+  np.testing.assert_array_equal(geometric.shear_y(image, -0.3),
+                                reference.np_warp(image, [1, 0, 0, -0.3, 1, 0]))
 
 
 def test_ops_that_equal_pil():
