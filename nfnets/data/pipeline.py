@@ -102,6 +102,21 @@ def _image_shape(raw):
                                           expand_animations=False))[:2])
 
 
+def _centre_square(shape, size: int, scaled_size: int):
+  """[y, x, side, side]: the centred square `size / scaled_size` of the
+  shorter side.
+
+  As the released `_decode_and_center_crop`: the side truncated, offsets
+  `(dim - side + 1) // 2`.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  side = tf.cast(tf.cast(tf.reduce_min(shape), tf.float32) * size /
+                 scaled_size, tf.int32)
+  side = tf.maximum(side, 1)
+  return tf.stack([(shape[0] - side + 1) // 2, (shape[1] - side + 1) // 2,
+                   side, side])
+
+
 def _normalize(images):
   """Float pixels on the 0-255 scale -> (x - mean) / std."""
   return ((images - np.asarray(transforms.MEAN_RGB, np.float32)) /
@@ -130,11 +145,7 @@ def _train_example(raw, label, seed, image_size: int):
       use_image_if_no_bounding_boxes=True)
   window = tf.stack([begin[0], begin[1], size[0], size[1]])
   s = image_size
-  side = tf.cast(tf.cast(tf.reduce_min(shape), tf.float32) * s / (s + 32),
-                 tf.int32)
-  side = tf.maximum(side, 1)
-  centre = tf.stack([(shape[0] - side + 1) // 2, (shape[1] - side + 1) // 2,
-                     side, side])
+  centre = _centre_square(shape, s, s + 32)
   whole = tf.reduce_all(tf.equal(size[:2], shape))
   image = _decode(raw, tf.where(whole, centre, window))
   image = tf.image.resize(image, [s, s], method="bicubic")
@@ -153,11 +164,7 @@ def _eval_example(raw, label, image_size: int,
     size = [scaled, scaled]
   else:
     shape = _image_shape(raw)
-    side = tf.cast(tf.cast(tf.reduce_min(shape), tf.float32) * s / scaled,
-                   tf.int32)
-    side = tf.maximum(side, 1)
-    top, left = (shape[0] - side + 1) // 2, (shape[1] - side + 1) // 2
-    image = _decode(raw, tf.stack([top, left, side, side]))
+    image = _decode(raw, _centre_square(shape, s, scaled))
     size = [s, s]
   antialias = interpolation == "bicubic_antialias"
   image = tf.image.resize(image, size, method="bicubic", antialias=antialias)
