@@ -27,6 +27,7 @@ from ml_collections import config_flags
 # Runnable from a clone without installing: the repo root on the path.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from nfnets.training import checkpoint  # pylint: disable=g-import-not-at-top,wrong-import-position
 from nfnets.training import experiment_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 from nfnets.training import loop  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -188,7 +189,7 @@ def main(argv):
   logging.info("workdir: %s", workdir)
   try:
     results = loop.train_and_evaluate(config, workdir, _MODE.value)
-  except ValueError as e:
+  except (ValueError, checkpoint.CheckpointSaveError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   if "eval_ema_top1" in results:

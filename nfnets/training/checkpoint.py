@@ -1,9 +1,11 @@
-"""A thin orbax wrapper: save, keep the last K, restore with fallback.
+"""A thin orbax wrapper: save, keep the last K, verify, restore with fallback.
 
 Each checkpoint holds two items: `state` (the whole TrainState: params,
 optimizer state, EMA, step, RNG) and `data` (the input iterator's position,
-JSON). Restores are made against an abstract target from `jax.eval_shape`, so
-arrays come back with the mesh's sharding.
+JSON), and the checksums of its files (`nfnets.training.integrity`), written
+before the checkpoint commits and checked before any read. Restores are made
+against an abstract target from `jax.eval_shape`, so arrays come back with
+the mesh's sharding.
 """
 
 import os
@@ -16,27 +18,82 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from nfnets import released_weights
+from nfnets.training import integrity
+
+# Where orbax writes a step before committing it by a rename (on file systems
+# without renames, such as GCS, it writes the final folder directly).
+_TEMPORARY_SUFFIX = ".orbax-checkpoint-tmp"
+
+
+class CheckpointSaveError(RuntimeError):
+  """A checkpoint could not be written (no space, no permission, ...)."""
 
 
 class Checkpointer:
-  """Periodic (asynchronous) checkpoints of one run in `directory`."""
+  """Periodic (asynchronous) checkpoints of one run in `directory`.
+
+  Saves are asynchronous unless `async_save=False`: `save` returns once the
+  arrays are copied to the host, and the files, their checksums and the
+  commit are written by orbax's background thread. A save that fails raises
+  `CheckpointSaveError` at the next `save`, `wait` or `close`, naming the
+  step and the folder; the checkpoints before it are left as they were.
+  """
 
   def __init__(self, directory: str, max_to_keep: int,
                async_save: bool = True):
     self.directory = os.path.abspath(directory)
+    self.async_save = async_save
     # Steps found unreadable by `restore_latest`: the run trains them again
     # and `save` replaces them.
     self._unreadable = set()
+    # The step whose save is in flight (its checksums are written by the
+    # callback below), and whether a failed save was already reported.
+    self._saving = None
+    self._failed = False
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True,
-            enable_async_checkpointing=async_save),
+            # Always orbax's asynchronous checkpointer, whose commit runs
+            # `_write_checksums`; `async_save=False` waits for each save.
+            enable_async_checkpointing=True,
+            async_options=ocp.AsyncOptions(
+                post_finalization_callback=self._write_checksums)),
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "data": ocp.JsonCheckpointHandler()})
 
+  def _write_checksums(self) -> None:
+    """Checksums the step being saved, before orbax commits it.
+
+    Runs in orbax's background thread on the primary process, once every
+    process has written its files.
+    """
+    final = os.path.join(self.directory, str(self._saving))
+    temporary = final + _TEMPORARY_SUFFIX
+    integrity.write_manifest(temporary if os.path.isdir(temporary) else final)
+
+  def _save_error(self, step: int, error: Exception) -> CheckpointSaveError:
+    self._failed = True
+    kept = ", ".join(str(s) for s in sorted(self.manager.all_steps())
+                     if s != step) or "none"
+    reason = " ".join(str(error).split())
+    if len(reason) > 300:
+      # (The cause, e.g. "No space left on device", ends the message.)
+      reason = f"{reason[:140]} ... {reason[-150:]}"
+    return CheckpointSaveError(
+        f"saving the checkpoint of step {step} in {self.directory} failed "
+        f"({type(error).__name__}: {reason}); the run stopped. The earlier "
+        f"checkpoints (steps {kept}) are intact: free space or fix "
+        "the folder's permissions, then restart to resume from the newest")
+
   def save(self, step: int, state: Any, data_state: dict) -> None:
-    """Starts saving (asynchronously when enabled) the state at `step`."""
+    """Starts saving the state at `step` (waits for it if not async).
+
+    Raises:
+      CheckpointSaveError: if this save, or the previous asynchronous one,
+        fails.
+    """
+    self.wait()
     if step in self.manager.all_steps():
       if step not in self._unreadable:
         return
@@ -44,18 +101,25 @@ class Checkpointer:
                       step, self.directory)
       self.manager.delete(step)
       self._unreadable.discard(step)
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave(data_state)), force=True)
+    self._saving = step
+    try:
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data=ocp.args.JsonSave(data_state)), force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_error(step, e) from e
+    if not self.async_save:
+      self.wait()
 
   def restore_latest(self, abstract_state: Any) -> Optional[tuple[Any, dict]]:
-    """Restores the newest readable checkpoint, or None if there is none.
+    """Restores the newest good checkpoint, or None if there is none.
 
-    A checkpoint that fails to restore (truncated or corrupt files, a crash
-    while it was written) is skipped with a warning and the one before it is
-    tried, so one bad write never costs more than one save interval; the
-    run's next save of that step replaces it. A readable checkpoint of a
-    differently shaped state (another model or optimizer) is an error, so
+    A checkpoint whose files fail their checksums (a flipped byte, a
+    truncated, deleted or changed file) or that fails to restore is skipped
+    with a warning naming the step and the first bad file, and the one
+    before it is tried, so one bad write never costs more than one save
+    interval; the run's next save of that step replaces it. A checkpoint of
+    a differently shaped state (another model or optimizer) is an error, so
     that a changed config never restarts over, and deletes, another run. A
     checkpoint from before a field of `ADDED_FIELDS` existed restores with
     that field filled from its source field.
@@ -64,13 +128,16 @@ class Checkpointer:
       abstract_state: the TrainState's shapes, dtypes and shardings.
 
     Returns:
-      (state, data_state) or None.
+      (state, data_state), or None if the folder holds no checkpoint.
 
     Raises:
-      ValueError: if a readable checkpoint holds a different state.
+      ValueError: if a readable checkpoint holds a different state, or if
+        there are checkpoints and none of them is good.
     """
-    for step in sorted(self.manager.all_steps(), reverse=True):
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    for step in steps:
       try:
+        _verify(os.path.join(self.directory, str(step)))
         metadata = self.manager.item_metadata(step)["state"]
         added = _added_fields(metadata, abstract_state)
         target = abstract_state
@@ -92,7 +159,7 @@ class Checkpointer:
       except Exception as e:  # pylint: disable=broad-except
         logging.warning("checkpoint at step %d in %s is unreadable (%s: %s);"
                         " trying the previous one", step, self.directory,
-                        type(e).__name__, str(e).splitlines()[0][:200])
+                        type(e).__name__, str(e).splitlines()[0][:300])
         self._unreadable.add(step)
         continue
       raise ValueError(
@@ -100,14 +167,50 @@ class Checkpointer:
           f"model or optimizer than this config ({difference}); resume it "
           "with its own config, or train in a new workdir (--config.init_from="
           "this workdir starts from its weights)")
+    if steps:
+      raise ValueError(
+          f"no good checkpoint in {self.directory}: steps "
+          f"{', '.join(map(str, steps))} are all unreadable (see the "
+          "warnings); move the folder away to start the run afresh")
     return None
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Waits for the save in flight; CheckpointSaveError if it failed."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_error(self._saving, e) from e
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Waits for the save in flight (raising its error once) and closes."""
+    try:
+      if not self._failed:
+        self.wait()
+    finally:
+      try:
+        self.manager.close()
+      except Exception:  # pylint: disable=broad-except
+        if not self._failed:
+          raise
+
+
+class ChecksumError(ValueError):
+  """A checkpoint's files do not match the checksums written with it."""
+
+
+def _verify(step_dir: str) -> None:
+  """Raises ChecksumError unless `step_dir` matches its checksums.
+
+  A checkpoint written before checksums existed is read with a warning.
+  """
+  if not integrity.has_manifest(step_dir):
+    logging.warning("the checkpoint %s has no %s (written before checksums "
+                    "were recorded); it is read unverified", step_dir,
+                    integrity.MANIFEST)
+    return
+  mismatch = integrity.first_mismatch(step_dir)
+  if mismatch is not None:
+    raise ChecksumError(f"{mismatch}; the checkpoint is corrupt")
 
 
 # Fields the TrainState gained after checkpoints were first written, each with
@@ -191,8 +294,12 @@ def load_weights(path: str) -> dict[str, Any]:
 def read_params(path: str) -> dict[str, Any]:
   """Reads the weights and model state (raw and EMA) of a checkpoint.
 
+  The checkpoint's checksums are checked first. For a workdir or its
+  `checkpoints` folder, a checkpoint that fails them is skipped with a
+  warning for the one before it; a step folder that fails them is an error.
+
   Args:
-    path: a run's workdir, its `checkpoints` folder (the latest step is
+    path: a run's workdir, its `checkpoints` folder (the newest good step is
       used) or one step's folder.
 
   Returns:
@@ -200,20 +307,34 @@ def read_params(path: str) -> dict[str, Any]:
     numpy arrays.
 
   Raises:
-    ValueError: if no checkpoint is found at `path`.
+    ValueError: if no checkpoint, or no good one, is found at `path`.
   """
   path = os.path.abspath(path)
   if not os.path.exists(path):
     raise ValueError(f"init_from: {path} does not exist")
-  candidates = [path, os.path.join(path, "checkpoints")]
-  for folder in candidates:
-    if os.path.isdir(os.path.join(folder, "state")):
-      return _read_state_params(os.path.join(folder, "state"))
-    steps = [s for s in (os.listdir(folder) if os.path.isdir(folder) else [])
-             if s.isdigit() and os.path.isdir(os.path.join(folder, s, "state"))]
+  if os.path.isdir(os.path.join(path, "state")):
+    try:
+      _verify(path)
+    except ChecksumError as e:
+      raise ValueError(f"init_from: {path}: {e}") from None
+    return _read_state_params(os.path.join(path, "state"))
+  for folder in (path, os.path.join(path, "checkpoints")):
+    steps = sorted(
+        (s for s in (os.listdir(folder) if os.path.isdir(folder) else [])
+         if s.isdigit() and os.path.isdir(os.path.join(folder, s, "state"))),
+        key=int, reverse=True)
+    for step in steps:
+      try:
+        _verify(os.path.join(folder, step))
+        return _read_state_params(os.path.join(folder, step, "state"))
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning("init_from: the checkpoint at step %s in %s is "
+                        "unreadable (%s: %s); trying the previous one", step,
+                        folder, type(e).__name__, str(e).splitlines()[0][:300])
     if steps:
-      latest = max(steps, key=int)
-      return _read_state_params(os.path.join(folder, latest, "state"))
+      raise ValueError(f"init_from: no good checkpoint in {folder}: steps "
+                       f"{', '.join(steps)} are all unreadable (see the "
+                       "warnings)")
   raise ValueError(f"init_from: no checkpoint found in {path} (expected a "
                    "workdir, its checkpoints/ folder or a step folder)")
 
