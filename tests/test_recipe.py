@@ -125,14 +125,16 @@ def _at(tree, path):
 
 
 @pytest.mark.parametrize("name", ["resnet26", "nfnet_f0"])
-def test_a_checkpoint_without_the_ema_model_state_restores(tmp_path, name):
-  # Checkpoints written before the TrainState had `ema_model_state`: the
-  # EMA state starts as the model state.
+def test_a_checkpoint_without_the_added_fields_restores(tmp_path, name):
+  # Checkpoints written before the TrainState had `ema_model_state` and
+  # `loss_average`: the EMA state starts as the model state, the average
+  # empty.
   config = tiny_config() if name == "nfnet_f0" else _bn_config()
   mesh = _mesh()
   state, step = setup(config, mesh)
   state, _ = step(state, parallel.shard_batch(batch(), mesh))
-  old = {k: v for k, v in state._asdict().items() if k != "ema_model_state"}
+  old = {k: v for k, v in state._asdict().items()
+         if k not in checkpoint.ADDED_FIELDS}
   ckpt = checkpoint.Checkpointer(str(tmp_path), 3, async_save=False)
   ckpt.save(1, old, {"epoch": 0, "batch": 1})
   ckpt.wait()
@@ -149,6 +151,8 @@ def test_a_checkpoint_without_the_ema_model_state_restores(tmp_path, name):
   for a, b in zip(jax.tree.leaves(restored.ema_model_state),
                   jax.tree.leaves(state.model_state), strict=True):
     np.testing.assert_array_equal(a, b)
+  assert {k: float(v) for k, v in restored.loss_average.items()} == {
+      "sum": 0.0, "weight": 0.0}
   # It trains on (the donated state holds no buffer twice).
   restored, metrics = step(restored, parallel.shard_batch(batch(), mesh))
   assert np.isfinite(float(metrics["loss"]))

@@ -4,11 +4,13 @@ import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from nfnets.training import checkpoint
 from nfnets.training import loop
+from nfnets.training import steps
 
 from train_helpers import restore_latest  # pylint: disable=g-bad-import-order
 from train_helpers import tiny_config  # pylint: disable=g-bad-import-order
@@ -71,6 +73,27 @@ def test_truncated_latest_checkpoint_falls_back_to_previous(trained, tmp_path,
   with caplog.at_level("WARNING"):
     restored, data_state = restore_latest(config, tmp_path)
   assert int(restored.step) == 6 and "unreadable" not in caplog.text
+
+
+def test_eval_verifies_checksums_and_falls_back(trained, tmp_path, caplog):
+  tmp_path = _copy_run(trained, tmp_path)
+  newest = tmp_path / "checkpoints" / "6" / "state" / "ocdbt.process_0" / "d"
+  data_file = max(newest.iterdir(), key=os.path.getsize)
+  with open(data_file, "r+b") as f:
+    f.seek(os.path.getsize(data_file) // 2)
+    byte = f.read(1)
+    f.seek(-1, os.SEEK_CUR)
+    f.write(bytes([byte[0] ^ 1]))
+  with caplog.at_level("WARNING"):
+    results = loop.train_and_evaluate(tiny_config(), str(tmp_path), "eval")
+  assert f"{data_file.name} has a different SHA-256" in caplog.text
+  step3 = loop.train_and_evaluate(
+      tiny_config(init_from=str(tmp_path / "checkpoints" / "3")),
+      str(tmp_path / "fresh"), "eval")
+  assert results["eval_ema_top1"] == step3["eval_ema_top1"]
+  shutil.rmtree(tmp_path / "checkpoints" / "3" / "state")
+  with pytest.raises(ValueError, match="no good checkpoint"):
+    loop.train_and_evaluate(tiny_config(), str(tmp_path), "eval")
 
 
 def test_a_changed_config_is_an_error_not_a_fresh_start(trained, tmp_path):
@@ -201,3 +224,55 @@ def test_a_run_stopped_by_a_nan_batch_resumes_and_finishes(tmp_path,
                                     str(tmp_path))
   assert "eval_top1" in results and np.isfinite(results["loss"])
   assert int(restore_latest(tiny_config(), tmp_path)[0].step) == 9
+
+
+class _ScaledIterator(_PoisonedIterator):
+  """The training iterator with its `bad`-th batch's images times 2000."""
+
+  def __next__(self):
+    batch = dict(next(self.iterator))
+    self.count += 1
+    if self.count == self.bad:
+      batch["images"] = batch["images"] * 2000.0
+    return batch
+
+
+def test_the_spike_guard_stops_at_a_finite_spike_and_resumes(tmp_path,
+                                                             monkeypatch):
+  make_iterator = loop.data.train_iterator
+  monkeypatch.setattr(loop.data, "train_iterator",
+                      lambda config: _ScaledIterator(make_iterator(config),
+                                                     bad=6))
+  config = tiny_config(num_steps=9, **{"loss_spike.factor": 3.0,
+                                       "loss_spike.window": 2})
+  with pytest.raises(loop.LossSpikeError,
+                     match=r"loss spiked at step 5: .*over loss_spike.factor"
+                     r"=3 times its running average .*last good state"):
+    loop.train_and_evaluate(config, str(tmp_path))
+  restored, data_state = restore_latest(config, tmp_path)
+  assert int(restored.step) == 5 and int(restored.nonfinite_step) == -1
+  assert data_state == {"epoch": 0, "batch": 5}
+  assert float(restored.loss_average["weight"]) > 0.9
+  # Restarted on clean data, the guarded run finishes.
+  monkeypatch.setattr(loop.data, "train_iterator", make_iterator)
+  loop.train_and_evaluate(config, str(tmp_path), "train")
+  assert int(restore_latest(config, tmp_path)[0].step) == 9
+
+
+def test_the_spike_guard_compares_with_a_bias_corrected_average():
+  config = tiny_config(**{"loss_spike.factor": 2.0, "loss_spike.window": 4})
+  average = steps.initial_loss_average()
+  decay, total, weight, spikes = 0.75, 0.0, 0.0, []
+  for k, loss in enumerate([9.0, 3.0, 2.0, 2.5, 3.9, 9.0, 1.0]):
+    spike, average = steps.loss_spike(config, average, jnp.float32(loss))
+    # Ready once the EMA's weight is 1 - 0.75**4 (after 4 losses).
+    expected = k >= 4 and loss > 2.0 * total / weight
+    assert bool(spike) == expected, (k, loss)
+    spikes.append(bool(spike))
+    total, weight = decay * total + (1 - decay) * loss, decay * weight + 0.25
+    np.testing.assert_allclose(float(average["sum"]), total, rtol=1e-6)
+    np.testing.assert_allclose(float(average["weight"]), weight, rtol=1e-6)
+  assert spikes == [False] * 5 + [True, False]
+  assert tiny_config().loss_spike.factor == 0.0  # off by default
+  spike, _ = steps.loss_spike(tiny_config(), average, jnp.float32(1e9))
+  assert not bool(spike)

@@ -154,7 +154,7 @@ class Checkpointer:
               data=ocp.args.JsonRestore()))
           state = restored.state
           if added:
-            state = _migrate(state, added, type(abstract_state), step)
+            state = _migrate(state, added, abstract_state, step)
           return state, dict(restored.data)
       except Exception as e:  # pylint: disable=broad-except
         logging.warning("checkpoint at step %d in %s is unreadable (%s: %s);"
@@ -214,9 +214,10 @@ def _verify(step_dir: str) -> None:
 
 
 # Fields the TrainState gained after checkpoints were first written, each with
-# the field an older checkpoint fills it from: the EMA of the model state
-# starts as the model state itself (as it does at initialisation).
-ADDED_FIELDS = {"ema_model_state": "model_state"}
+# the field an older checkpoint fills it from, or None for zeros: the EMA of
+# the model state starts as the model state itself and the loss-spike
+# guard's average empty (both as at initialisation).
+ADDED_FIELDS = {"ema_model_state": "model_state", "loss_average": None}
 
 
 def _added_fields(metadata: Any, abstract_state: Any) -> tuple[str, ...]:
@@ -229,17 +230,22 @@ def _added_fields(metadata: Any, abstract_state: Any) -> tuple[str, ...]:
                if f in abstract_state._fields and f not in saved)
 
 
-def _migrate(restored: dict, added: tuple[str, ...], state_type: type,
+def _migrate(restored: dict, added: tuple[str, ...], abstract_state: Any,
              step: int) -> Any:
-  """An older checkpoint's fields as a `state_type`, the added ones filled."""
+  """An older checkpoint's fields as a state, the added ones filled."""
   for field in added:
     source = ADDED_FIELDS[field]
     logging.info("the checkpoint at step %d predates %s; it starts as %s",
-                 step, field, source)
-    # A copy: the train step donates its state, and one buffer may not be
-    # donated twice.
-    restored[field] = jax.tree.map(jnp.copy, restored[source])
-  return state_type(**restored)
+                 step, field, source or "zeros")
+    if source is None:
+      restored[field] = jax.tree.map(
+          lambda a: jax.device_put(np.zeros(a.shape, a.dtype), a.sharding),
+          getattr(abstract_state, field))
+    else:
+      # A copy: the train step donates its state, and one buffer may not be
+      # donated twice.
+      restored[field] = jax.tree.map(jnp.copy, restored[source])
+  return type(abstract_state)(**restored)
 
 
 def _signature(tree: Any) -> dict[tuple[str, ...], tuple[int, ...]]:

@@ -143,6 +143,9 @@ def base_config() -> ml_collections.ConfigDict:
       name="sgd", base_lr=0.1, momentum=0.9, nesterov=True,
       weight_decay=2e-5, agc_clipping=0.01, agc_eps=1e-3, b1=0.9, b2=0.999,
       warmup_epochs=5.0,
+      # The peak lr is base_lr * batch_size / 256 unless this is False (the
+      # NF-RegNet recipe); the cosine decays to min_lr.
+      scale_lr_by_batch=True, min_lr=0.0,
       # Sharpness-aware minimization: radius (0 = off) and whether the ascent
       # step uses the all-device gradient (False: per device, as for F6).
       sam_rho=0.0, sam_sync=True))
@@ -162,6 +165,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.fast_paths = True
   c.checkpoint = ml_collections.ConfigDict(dict(
       every_steps=1000, max_to_keep=3, async_save=True))
+  # The loss-spike guard: a step whose loss exceeds `factor` times the loss's
+  # running average (an EMA over about `window` steps, checked once it has
+  # seen that many) stops the run like a NaN does, with the state from
+  # before the spike saved. 0 turns it off (the default, as in the released
+  # code); e.g. 3.0 stops at a 3x jump.
+  c.loss_spike = ml_collections.ConfigDict(dict(factor=0.0, window=200))
   c.log_every_steps = 100
   c.eval_every_steps = 0  # 0: evaluate at the end only (train_eval mode)
   c.init_from = ""
@@ -173,13 +182,22 @@ def shrink_model(config: ml_collections.ConfigDict) -> None:
   """Shrinks `config.model` in place to a tiny model of the same family.
 
   NFNets get 1/8 of the widths, groups of 16 channels and one block per
-  stage; NF-ResNets and ResNets (whose depth picks the stage lengths) 1/4 of
-  the widths.
+  stage; NF-RegNets 1/4 of the table's widths (1/3 of their own) and one
+  block per stage; NF-ResNets and ResNets (whose depth picks the stage
+  lengths) 1/4 of the widths. timm's light NFNets (`nfnet_l0`,
+  `eca_nfnet_l*`) get 1/8 of the widths, groups of 8 channels (their
+  bottlenecks are a quarter of a block's width) and one block per stage.
   """
   # In place: replacing `kwargs` would drop the types of its None
   # placeholders, which command-line overrides applied later need.
-  if config.model.name.startswith("nfnet"):
+  if config.model.name.startswith(("nfnet_l", "eca_nfnet_l")):
+    config.model.kwargs.update(dict(width_multiplier=0.125, group_width=8,
+                                    depths=(1, 1, 1, 1)))
+  elif config.model.name.startswith("nfnet"):
     config.model.kwargs.update(dict(width_multiplier=0.125, group_width=16,
+                                    depths=(1, 1, 1, 1)))
+  elif config.model.name.startswith("nf_regnet"):
+    config.model.kwargs.update(dict(width_multiplier=0.25,
                                     depths=(1, 1, 1, 1)))
   else:
     config.model.kwargs.update(dict(width_multiplier=0.25))
@@ -285,6 +303,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(config.optimizer.base_lr >= 0, "optimizer.base_lr must be >= 0")
   need(config.optimizer.warmup_epochs >= 0,
        "optimizer.warmup_epochs must be >= 0")
+  need(config.optimizer.min_lr >= 0, "optimizer.min_lr must be >= 0")
   need(0 <= config.optimizer.momentum < 1,
        "optimizer.momentum must be in [0, 1)")
   need(0 <= config.optimizer.b1 < 1 and 0 <= config.optimizer.b2 < 1,
@@ -304,6 +323,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
        config.checkpoint.max_to_keep > 0,
        "checkpoint.every_steps and checkpoint.max_to_keep must be positive")
   need(config.log_every_steps > 0, "log_every_steps must be positive")
+  need(config.loss_spike.factor == 0 or config.loss_spike.factor > 1,
+       "loss_spike.factor must be 0 (off) or > 1")
+  need(config.loss_spike.window >= 1, "loss_spike.window must be >= 1")
   need(config.eval_every_steps >= 0, "eval_every_steps must be >= 0")
   # Building the model abstractly checks its options (widths, activation,
   # image size) without allocating anything.

@@ -3,8 +3,9 @@
 Resume order: the workdir's newest readable checkpoint, then
 `config.init_from` (weights only), then a fresh init. Checkpoints are saved
 every `checkpoint.every_steps`, at the end and on SIGTERM (preemption,
-checked after every train step and every eval batch); a non-finite loss
-stops the run after saving the last good state.
+checked after every train step and every eval batch); a non-finite loss, or
+a loss spike when `config.loss_spike.factor` is set, stops the run after
+saving the last good state.
 """
 
 import json
@@ -35,6 +36,10 @@ from nfnets.training.metrics import MetricWriter
 
 class NonFiniteLossError(ValueError):
   """The loss or gradient became NaN or inf."""
+
+
+class LossSpikeError(ValueError):
+  """The loss jumped over `loss_spike.factor` times its running average."""
 
 
 def prepare_workdir(workdir: str) -> str:
@@ -301,17 +306,26 @@ def _train_loop(config, state, train_iter, total_steps, train_step, ckpt,
 
   def check_finite():
     bad = int(state.nonfinite_step)
-    if bad >= 0:
-      good = int(state.step)
-      # Saved as it was before the bad step, so that a resumed run trains.
-      cleared = state._replace(
-          nonfinite_step=jnp.full_like(state.nonfinite_step, -1))
-      ckpt.save(good, cleared, positions[good])
-      ckpt.wait()
-      raise NonFiniteLossError(
-          f"loss or gradient became NaN/inf at step {bad}; stopped, the last "
-          f"good state (step {good}) is saved in {ckpt.directory}; lower the "
+    if bad < 0:
+      return
+    # Saved as it was before the bad step (whose update was dropped), so
+    # that a resumed run trains it again.
+    cleared = state._replace(
+        nonfinite_step=jnp.full_like(state.nonfinite_step, -1))
+    ckpt.save(bad, cleared, positions[bad])
+    ckpt.wait()
+    saved = (f"stopped, the last good state (step {bad}) is saved in "
+             f"{ckpt.directory}")
+    metrics = jax.device_get(pending[bad - last_step])
+    if np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"]):
+      raise LossSpikeError(
+          f"the loss spiked at step {bad}: {float(metrics['loss']):.4g}, over "
+          f"loss_spike.factor={config.loss_spike.factor:g} times its running "
+          f"average {float(metrics['loss_average']):.4g}; {saved}; lower the "
           "learning rate or check the data")
+    raise NonFiniteLossError(
+        f"loss or gradient became NaN/inf at step {bad}; {saved}; lower the "
+        "learning rate or check the data")
 
   def stop():
     check_finite()

@@ -45,9 +45,12 @@ class TrainState(NamedTuple):
   parameters and of the model state (a BN-ResNet's batch statistics), as in
   the released code (`experiment.py`, `_train_fn`); the EMA evaluation uses
   both. `nonfinite_step` is -1 until a step produces a non-finite loss or
-  gradient; that step's update is dropped and every later step leaves the
-  state as it is, so the last good state can be saved without a per-step
-  host sync.
+  gradient, or a loss spike (`config.loss_spike`); that step's update is
+  dropped and every later step leaves the state as it is, so the last good
+  state can be saved without a per-step host sync. `loss_average` holds the
+  running average of the good steps' losses that the spike guard compares
+  with: {'sum': EMA of the loss from 0, 'weight': EMA of 1 from 0}, whose
+  ratio is the bias-corrected average.
   """
   step: jax.Array
   params: hk.Params
@@ -57,6 +60,7 @@ class TrainState(NamedTuple):
   rng: jax.Array
   nonfinite_step: jax.Array
   ema_model_state: hk.State
+  loss_average: dict[str, jax.Array]
 
 
 def precision_policy(precision: str) -> jmp.Policy:
@@ -74,7 +78,36 @@ def init_state(model: hk.TransformedWithState,
   return TrainState(
       step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
       opt_state=optimizer.init(params), ema_params=params, rng=state_rng,
-      nonfinite_step=jnp.full((), -1, jnp.int32), ema_model_state=model_state)
+      nonfinite_step=jnp.full((), -1, jnp.int32), ema_model_state=model_state,
+      loss_average=initial_loss_average())
+
+
+def initial_loss_average() -> dict[str, jax.Array]:
+  return {"sum": jnp.zeros((), jnp.float32),
+          "weight": jnp.zeros((), jnp.float32)}
+
+
+def loss_spike(config: ml_collections.ConfigDict, average: dict[str, Any],
+               loss: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Whether `loss` spikes over `average`, and the average updated with it.
+
+  The average is an EMA with decay `1 - 1 / window`; the guard (off for
+  `factor` 0) starts once that EMA's weight reaches `1 - decay**window`
+  (about 63%: `window` steps averaged).
+
+  Returns:
+    (spike: a bool scalar, the updated average).
+  """
+  window = config.loss_spike.window
+  decay = 1.0 - 1.0 / window
+  updated = {"sum": decay * average["sum"] + (1.0 - decay) * loss,
+             "weight": decay * average["weight"] + (1.0 - decay)}
+  factor = config.loss_spike.factor
+  if not factor:
+    return jnp.zeros((), bool), updated
+  ready = average["weight"] >= 1.0 - decay ** window
+  mean = average["sum"] / jnp.maximum(average["weight"], 1e-12)
+  return ready & (loss > factor * mean), updated
 
 
 def make_init(model: hk.TransformedWithState,
@@ -256,16 +289,18 @@ def make_train_step(model: hk.TransformedWithState,
     ema_params = ema_update(decay, state.ema_params, params)
     ema_model_state = ema_update(decay, state.ema_model_state, model_state)
     grad_norm = norms.global_norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    ok = finite & (state.nonfinite_step < 0)
+    spike, loss_average = loss_spike(config, state.loss_average, loss)
+    good = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & ~spike
+    ok = good & (state.nonfinite_step < 0)
     new_state = TrainState(
         step=state.step + 1, params=params, model_state=model_state,
         opt_state=opt_state, ema_params=ema_params, rng=state.rng,
-        nonfinite_step=state.nonfinite_step, ema_model_state=ema_model_state)
+        nonfinite_step=state.nonfinite_step, ema_model_state=ema_model_state,
+        loss_average=loss_average)
     new_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state,
                              state)
     new_state = new_state._replace(nonfinite_step=jnp.where(
-        (state.nonfinite_step < 0) & ~finite, state.step,
+        (state.nonfinite_step < 0) & ~good, state.step,
         state.nonfinite_step))
     metrics = {
         "loss": loss, "train_accuracy": accuracy, "grad_norm": grad_norm,
@@ -273,6 +308,9 @@ def make_train_step(model: hk.TransformedWithState,
             optim.agc_clipped_fraction(opt_state), jnp.float32),
         "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
         "ema_decay": decay,
+        # (What the spike guard compared this step's loss with.)
+        "loss_average": state.loss_average["sum"] / jnp.maximum(
+            state.loss_average["weight"], 1e-12),
     }
     return new_state, metrics
 
