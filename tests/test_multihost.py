@@ -9,6 +9,7 @@ checkpoints.
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -143,6 +144,16 @@ def read_metrics(workdir):
     return [json.loads(line) for line in f]
 
 
+def _last_logged_step(workdir):
+  """The last step in a run's metrics.jsonl (read while it is written)."""
+  try:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      lines = [line for line in f if line.endswith("\n")]
+  except FileNotFoundError:
+    return 0
+  return max((json.loads(line)["step"] for line in lines), default=0)
+
+
 def checkpoint_steps(workdir):
   names = os.listdir(os.path.join(workdir, "checkpoints"))
   return sorted(int(name) for name in names if name.isdigit())
@@ -249,3 +260,33 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
            for out in outputs]
   assert steps[0] == steps[1] > 2, outputs
   assert str(steps[0]) in os.listdir(checkpoints)
+
+
+def test_sigkill_of_one_process_then_a_restart_resumes_exactly(runs):
+  """A 2-process run killed at a random step ends as if never stopped."""
+  base, reference, _ = runs
+  workdir = base / "killed"
+  rng = random.Random()
+  step, victim = rng.randint(2, NUM_STEPS - 1), rng.randint(0, 1)
+  coordinator = f"127.0.0.1:{_free_port()}"
+  logs = [base / "logs" / f"killed-{p}.log" for p in range(2)]
+  procs = []
+  try:
+    for p, log in enumerate(logs):
+      procs.append(_start_worker(workdir, ["--distributed"],
+                                 _env(DEVICES // 2, p, 2, coordinator), log))
+    deadline = time.monotonic() + TIMEOUT
+    # Process 0 logs every step: kill once step `step` is logged, i.e. in
+    # the next step or the save after it.
+    while _last_logged_step(workdir) < step:
+      assert time.monotonic() < deadline and None in [
+          p.poll() for p in procs], _tail(logs[0])
+      time.sleep(0.05)
+    procs[victim].kill()
+  finally:
+    # The survivor waits for its peer in a collective: stop it too.
+    _kill_running(procs)
+  assert procs[victim].returncode == -signal.SIGKILL, (step, victim)
+  run_job(str(workdir), 2, str(base / "logs"))
+  assert checkpoint_steps(workdir)[-1] == NUM_STEPS
+  assert_same_weights(str(workdir), reference)
