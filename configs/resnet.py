@@ -1,22 +1,35 @@
-"""Batch-normalised pre-activation ResNets: the NF-ResNet baseline.
+"""The NF-ResNet baselines: BN, SkipInit and Fixup pre-activation ResNets.
 
   python experiments/train.py --config=configs/resnet.py:depth=50 \
       --workdir=/ckpt/resnet50
+  python experiments/train.py --config=configs/resnet.py:kind=fixup,depth=50 \
+      --workdir=/ckpt/fixup_resnet50
 
-Same recipe as configs/nf_resnet.py without AGC; BatchNorm statistics are
-averaged across devices after every step. `smoke=True` swaps in a tiny model
-on the bundled digits data.
+`kind` picks the model: `bn` (default) the batch-normalised ResNet
+(`resnet{depth}`), `skipinit` or `fixup` the unnormalized baselines of the
+ICLR 2021 paper (`skipinit_resnet{depth}`, `fixup_resnet{depth}`). All three
+train with the same recipe: configs/nf_resnet.py's without AGC and without
+stochastic depth or dropout (the released code's experiment gives no settings
+of its own for SkipInit or Fixup); BatchNorm statistics are averaged across
+devices after every step. `smoke=True` swaps in a tiny model on the bundled
+digits data.
 """
 
 from nfnets.training import experiment_config
 
+KINDS = {"bn": "resnet", "skipinit": "skipinit_resnet", "fixup": "fixup_resnet"}
+
 
 def get_config(arg=None):
-  """Returns the config; `arg` takes `depth=N` and `smoke=bool`."""
-  options = experiment_config.parse_arg(arg, depth=50, smoke=False)
+  """Returns the config; `arg` takes `kind`, `depth=N` and `smoke=bool`."""
+  options = experiment_config.parse_arg(arg, kind="bn", depth=50, smoke=False)
+  if options.kind not in KINDS:
+    raise ValueError(f"unknown config arg kind={options.kind}; valid: "
+                     f"{', '.join(KINDS)}")
   c = experiment_config.base_config()
   c.model = experiment_config.model_config(
-      f"resnet{options.depth}", drop_path_rate=0.0, dropout_rate=0.0)
+      f"{KINDS[options.kind]}{options.depth}", drop_path_rate=0.0,
+      dropout_rate=0.0)
   c.dataset.update(dict(name="imagenet2012", image_size=224,
                         eval_image_size=224, num_classes=1000))
   c.batch_size = 1024

@@ -7,6 +7,7 @@ References:
   Without Normalization." ICML 2021 (NFNets).
 """
 
+import math
 from typing import Callable, Optional, Sequence, Union
 
 import haiku as hk
@@ -235,3 +236,119 @@ def signal_metrics(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   x = x.astype(jnp.float32)
   return (jnp.mean(jnp.mean(x, axis=(0, 1, 2)) ** 2),
           jnp.mean(jnp.var(x, axis=(0, 1, 2))))
+
+
+def symmetric_padding(kernel: int, stride: int) -> tuple[int, int]:
+  """timm's `get_padding`: `((stride - 1) + (kernel - 1)) // 2` on each side.
+
+  Unlike SAME, the padding is the same before and after, so a strided conv
+  of an even-sized input starts one pixel earlier (PyTorch's convention).
+  """
+  pad = ((stride - 1) + (kernel - 1)) // 2
+  return pad, pad
+
+
+class ScaledStdConv2D(hk.Module):
+  """timm's `ScaledStdConv2d`: Scaled WS with the activation's gamma folded in.
+
+  `W_hat = gain * gamma * (W - mean) / sqrt(N * (var + eps))` per output
+  channel over its fan-in N (the variance is the biased one, `eps` is added
+  to it, not a floor), computed in float32; then a conv with symmetric
+  padding (`symmetric_padding`), not SAME, so it runs through XLA's own
+  convolution and gradients (`nfnets.ops.conv`'s polyphase fast path is for
+  SAME padding). timm's NFNets fold the scaled activation's gamma into every
+  conv instead of scaling the activations (`gamma_in_act=False`).
+
+  Parameters `w` [kh, kw, in/groups, out] (fan-in normal, as timm's
+  `kaiming_normal_(mode='fan_in', nonlinearity='linear')`), `gain` [out]
+  (init `gain_init`: 0 zero-initialises a residual branch's last conv, timm's
+  `skipinit=False`) and `b` [out] (init 0). timm's `weight` [out, in/groups,
+  kh, kw], `gain` [out, 1, 1, 1] and `bias` hold the same numbers.
+  With `standardize=False`, a plain conv with kernel `gain * gamma * W`.
+  """
+
+  def __init__(self, output_channels: int, kernel_shape: int = 1,
+               stride: int = 1, feature_group_count: int = 1,
+               gamma: float = 1.0, eps: float = 1e-5, gain_init: float = 1.0,
+               standardize: bool = True, name: Optional[str] = None):
+    super().__init__(name=name)
+    self.output_channels = output_channels
+    self.kernel_shape = kernel_shape
+    self.stride = stride
+    self.feature_group_count = feature_group_count
+    self.gamma = gamma
+    self.eps = eps
+    self.gain_init = gain_init
+    self.standardize = standardize
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    in_ch, groups, k = x.shape[-1], self.feature_group_count, self.kernel_shape
+    if in_ch % groups or self.output_channels % groups:
+      raise ValueError(
+          f"{self.module_name}: {in_ch} input and {self.output_channels} "
+          f"output channels must both divide into {groups} groups")
+    shape = (k, k, in_ch // groups, self.output_channels)
+    w = hk.get_parameter("w", shape, init=fan_in_normal)
+    gain = hk.get_parameter("gain", (self.output_channels,),
+                            init=hk.initializers.Constant(self.gain_init))
+    bias = hk.get_parameter("b", (self.output_channels,), init=jnp.zeros)
+    w = w.astype(jnp.float32)
+    scale = gain.astype(jnp.float32) * self.gamma
+    if self.standardize:
+      mean = jnp.mean(w, axis=(0, 1, 2), keepdims=True)
+      var = jnp.mean(jnp.square(w - mean), axis=(0, 1, 2), keepdims=True)
+      kernel = (w - mean) * jax.lax.rsqrt(var + self.eps) * (
+          scale / np.sqrt(np.prod(shape[:-1])))
+    else:
+      kernel = w * scale
+    out = jax.lax.conv_general_dilated(
+        x, kernel.astype(x.dtype), (self.stride, self.stride),
+        (symmetric_padding(k, self.stride),) * 2,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=groups)
+    return out + bias.astype(out.dtype)
+
+
+class EfficientChannelAttention(hk.Module):
+  """ECA (Wang et al., CVPR 2020), as timm's `EcaModule`: the channel gate.
+
+  Global mean, a 1D conv across channels (no bias; kernel size from the
+  channel count: `t = int((log2(C) + 1) / 2)`, the next odd number, at least
+  3), sigmoid. Returns the gate [N, 1, 1, C] like `SqueezeExcite`. The conv
+  is the submodule `conv`, kernel `w` [k, 1, 1] (timm's `conv.weight`
+  [1, 1, k] transposed), initialised as PyTorch's default Conv1d.
+  """
+
+  def __init__(self, channels: int, name: Optional[str] = None):
+    super().__init__(name=name)
+    t = int(abs(math.log(channels, 2) + 1) / 2)
+    self.kernel_size = max(t if t % 2 else t + 1, 3)
+    self.conv = hk.Conv1D(
+        1, self.kernel_size, padding="SAME", with_bias=False,
+        w_init=hk.initializers.VarianceScaling(1 / 3, "fan_in", "uniform"),
+        name="conv")
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    # The channels are the 1D conv's length axis, with one feature.
+    h = self.conv(jnp.mean(x, axis=(1, 2))[:, :, None])
+    return jax.nn.sigmoid(h[:, :, 0])[:, None, None, :]
+
+
+class ConvSqueezeExcite(hk.Module):
+  """Squeeze-excite with 1x1 convs `fc1`, `fc2`, as timm's `SEModule`.
+
+  The same computation as `SqueezeExcite` (mean, ReLU, sigmoid; returns the
+  gate), with timm's module names and kernel layout: `fc1/w` [1, 1, C, hidden]
+  and `b`, `fc2/w` [1, 1, hidden, C] and `b`, fan-in normal, as timm inits
+  every conv of its NFNets.
+  """
+
+  def __init__(self, channels: int, hidden_channels: int,
+               name: Optional[str] = None):
+    super().__init__(name=name)
+    self.fc1 = hk.Conv2D(hidden_channels, 1, w_init=fan_in_normal, name="fc1")
+    self.fc2 = hk.Conv2D(channels, 1, w_init=fan_in_normal, name="fc2")
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = jnp.mean(x, axis=(1, 2), keepdims=True)
+    return jax.nn.sigmoid(self.fc2(jax.nn.relu(self.fc1(h))))

@@ -2,7 +2,7 @@
 
   python scripts/spp.py --models=nf_resnet50,resnet50,nf_resnet50_nows \
       [--out=spp.png] [--batch_size=8] [--image_size=224] \
-      [--width_multiplier=1.0] [--group_width=...] [--skip_gain_one] [--seed=0]
+      [--width_multiplier=...] [--group_width=...] [--skip_gain_one] [--seed=0]
 
 For each model: initialise it, set every `skip_gain` to 1 (they start at 0,
 which makes each block its shortcut and would hide the residual branches), run
@@ -39,14 +39,17 @@ _OUT = flags.DEFINE_string(
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Images in the batch.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Input resolution.")
 _WIDTH_MULTIPLIER = flags.DEFINE_float(
-    "width_multiplier", 1.0, "Scales every model's stage widths.")
+    "width_multiplier", None,
+    "Scales every model's stage widths. Default: each model's own (1 for "
+    "most; 0.75 of the table's widths for NF-RegNets).")
 _GROUP_WIDTH = flags.DEFINE_integer(
     "group_width", None,
     "Group width of NFNet (nfnet_*) models only; lower it (e.g. 16) with a "
     "small --width_multiplier. Default: the model's own (128).")
 _SKIP_GAIN_ONE = flags.DEFINE_bool(
     "skip_gain_one", True,
-    "Set every skip_gain to 1 so the residual branches contribute.")
+    "Set every skip_gain (in timm-tree models, each zero-initialised "
+    "conv gain) to 1 so the residual branches contribute.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the parameters and input.")
 
 METRICS = ("avg_sq_mean", "avg_var", "res_var")
@@ -57,13 +60,13 @@ _FAST_COMPILE = {"xla_backend_optimization_level": 0,
                  "xla_llvm_disable_expensive_passes": True}
 
 
-def overrides_for(name: str, width_multiplier: float,
+def overrides_for(name: str, width_multiplier: float | None,
                   group_width: int | None) -> dict[str, object]:
   """Model options for an SPP: no stochastic depth or dropout at all.
 
   Args:
     name: registered model name.
-    width_multiplier: stage width multiplier.
+    width_multiplier: stage width multiplier, or None for the model's own.
     group_width: NFNet group width, or None for the model's default.
 
   Returns:
@@ -71,9 +74,10 @@ def overrides_for(name: str, width_multiplier: float,
   """
   # Stochastic depth would zero whole branches for some examples and skew
   # the statistics, so every model gets both rates at 0.
-  overrides = {"width_multiplier": width_multiplier, "drop_path_rate": 0.0,
-               "dropout_rate": 0.0}
-  if group_width is not None and name.startswith("nfnet_"):
+  overrides = {"drop_path_rate": 0.0, "dropout_rate": 0.0}
+  if width_multiplier is not None:
+    overrides["width_multiplier"] = width_multiplier
+  if group_width is not None and name.startswith(("nfnet_", "eca_nfnet_")):
     overrides["group_width"] = group_width
   return overrides
 
@@ -86,7 +90,8 @@ def measure(name: str, images: jax.Array, rng: jax.Array, *,
     name: registered model name.
     images: the input batch [N, S, S, 3].
     rng: key for the parameters (and BN's training-mode pass).
-    skip_gain_one: set every `skip_gain` parameter to 1 before the pass.
+    skip_gain_one: set every `skip_gain`, and every conv `gain` that init
+      left at zero, to 1 before the pass.
     **overrides: options for `models.build_model`.
 
   Returns:
@@ -106,8 +111,11 @@ def measure(name: str, images: jax.Array, rng: jax.Array, *,
   params, state = init.lower(init_rng, images[:1]).compile(
       compiler_options=_FAST_COMPILE)(init_rng, images[:1])
   if skip_gain_one:
+    # timm-tree models (nfnet_light, nf_resnet_timm) have no skip_gain: the
+    # gain of each branch's last conv starts at zero instead.
     params = hk.data_structures.map(
-        lambda _, n, v: jnp.ones_like(v) if n == "skip_gain" else v, params)
+        lambda _, n, v: jnp.ones_like(v) if n == "skip_gain" or (
+            n == "gain" and not v.any()) else v, params)
   # Only the BN baseline has state. Its SPP uses training-mode BN (batch
   # statistics, as at the start of training): in eval mode its freshly
   # initialised moving averages (mean 0, var 1) would not normalise at all.
@@ -207,9 +215,10 @@ def main(argv: Sequence[str]) -> None:
   out.parent.mkdir(parents=True, exist_ok=True)
   csv_path = out.with_suffix(".csv")
   write_csv(csv_path, results)
+  width = ("default width" if _WIDTH_MULTIPLIER.value is None
+           else f"width x{_WIDTH_MULTIPLIER.value:g}")
   title = (f"Signal propagation at initialization: unit Gaussian input "
-           f"{_BATCH_SIZE.value}x{size}x{size}x3, width x"
-           f"{_WIDTH_MULTIPLIER.value:g}, skip_gain="
+           f"{_BATCH_SIZE.value}x{size}x{size}x3, {width}, skip_gain="
            f"{1 if _SKIP_GAIN_ONE.value else 0}")
   plot(out, results, title)
   for name, m in results.items():

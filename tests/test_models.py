@@ -189,9 +189,35 @@ def test_bad_resnet_depth():
 
 def test_registry_names():
   base = {f"nfnet_f{k}{plus}" for k in range(8) for plus in ("", "plus")}
-  base |= {f"{nf}resnet{d}" for nf in ("nf_", "") for d in RESNET_DEPTHS}
-  expected = base | {f"{n}_nows" for n in base if n.startswith("nf")}
-  assert set(models.MODELS) == expected
+  base |= {f"{kind}resnet{d}" for kind in ("nf_", "", "skipinit_", "fixup_")
+           for d in RESNET_DEPTHS}
+  base |= {f"nf_regnet_b{k}" for k in range(9)}
+  base |= {"nfnet_l0"} | {f"eca_nfnet_l{k}" for k in range(4)}
+  base |= {f"nf_{kind}resnet{d}" for kind in ("se", "eca")
+           for d in (26, 50, 101)}
+  base |= {f"nf_resnet{d}_timm" for d in (26, 50, 101)}
+  nf = {n for n in base if n.startswith(("nf", "eca_nfnet"))}
+  assert set(models.MODELS) == base | {f"{n}_nows" for n in nf}
+
+
+# The class each registered family builds, and its blocks for a name.
+def _expected_model(name):
+  base = name.removesuffix("_nows")
+  if base.startswith("nfnet_f"):
+    return "NFNet", 12 * (int(base[len("nfnet_f")]) + 1)
+  if base.startswith("nf_regnet_b"):
+    return "NFRegNet", None
+  if base.startswith(("nfnet_l", "eca_nfnet_l")):
+    return "NFNetLight", {"0": 12, "1": 24, "2": 36, "3": 48}[base[-1]]
+  depth = int(re.search(r"resnet(\d+)", base).group(1))
+  # 288 is the paper's (24, 24, 24, 24), 600 the released code's
+  # (50, 50, 50, 50).
+  blocks = None if depth in (288, 600) else (depth - 2) // 3
+  if base.startswith(("nf_se", "nf_eca")) or base.endswith("_timm"):
+    return "NFResNetTimm", blocks
+  kind = {"nf": "NFResNet", "skipinit": "SkipInitResNet",
+          "fixup": "FixupResNet"}.get(base.split("_")[0], "ResNet")
+  return kind, blocks
 
 
 def test_every_registered_model_constructs():
@@ -199,20 +225,14 @@ def test_every_registered_model_constructs():
     return {n: models.create_model(n) for n in models.MODELS}
 
   for name, model in hk.transform(construct).apply({}, None).items():
-    if name.startswith("nfnet_f"):
-      k = int(name[len("nfnet_f")])
-      assert type(model).__name__ == "NFNet"
-      assert len(model.blocks) == 12 * (k + 1), name
-    else:
-      depth = int(re.search(r"resnet(\d+)", name).group(1))
-      kind = "NFResNet" if name.startswith("nf_") else "ResNet"
-      assert type(model).__name__ == kind
-      # 288 is the paper's (24, 24, 24, 24), 600 the released code's
-      # (50, 50, 50, 50).
-      if depth not in (288, 600):
-        assert 3 * len(model.blocks) + 2 == depth, name
+    kind, blocks = _expected_model(name)
+    assert type(model).__name__ == kind, name
+    if blocks is not None:
+      assert len(model.blocks) == blocks, name
     if name.endswith("_nows"):
-      assert not model.blocks[0].conv0.standardize
+      first = model.blocks[0]
+      conv = getattr(first, "conv0", None) or first.conv1
+      assert not conv.standardize, name
 
 
 @pytest.mark.parametrize("name,overrides", [

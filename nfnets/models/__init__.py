@@ -24,6 +24,10 @@ from typing import Any, Callable, Mapping
 
 import haiku as hk
 
+from nfnets.models import nf_regnet
+from nfnets.models import nf_resnet_timm
+from nfnets.models import nfnet_light
+from nfnets.models import resnet_baselines
 from nfnets.models.nf_resnet import DEPTHS as RESNET_DEPTHS
 from nfnets.models.nf_resnet import NFResNet
 from nfnets.models.nfnet import NFNet
@@ -40,7 +44,27 @@ def _registry() -> dict[str, Callable[..., hk.Module]]:
   for depth in RESNET_DEPTHS:
     names[f"nf_resnet{depth}"] = functools.partial(NFResNet, depth=depth)
     names[f"resnet{depth}"] = functools.partial(ResNet, depth=depth)
+    names[f"skipinit_resnet{depth}"] = functools.partial(
+        resnet_baselines.SkipInitResNet, depth=depth)
+    names[f"fixup_resnet{depth}"] = functools.partial(
+        resnet_baselines.FixupResNet, depth=depth)
+  for variant in nf_regnet.VARIANTS:
+    names[f"nf_regnet_{variant.lower()}"] = functools.partial(
+        nf_regnet.NFRegNet, variant=variant)
+  for variant in nfnet_light.VARIANTS:
+    names[variant] = functools.partial(nfnet_light.NFNetLight,
+                                       variant=variant)
+  for depth in nf_resnet_timm.DEPTHS:
+    for attention in nf_resnet_timm.ATTENTIONS:
+      names[f"nf_{attention}resnet{depth}"] = functools.partial(
+          nf_resnet_timm.NFResNetTimm, depth=depth, attention=attention)
+    # timm's plain nf_resnet50 is not DeepMind's (nf_resnet50 above).
+    names[f"nf_resnet{depth}_timm"] = functools.partial(
+        nf_resnet_timm.NFResNetTimm, depth=depth, attention=None)
   for name in [n for n in names if n.startswith("nf")]:
+    names[f"{name}_nows"] = functools.partial(names[name], standardize=False)
+  # eca_nfnet_* are NF models too: the same no-WS control.
+  for name in [n for n in nfnet_light.VARIANTS if not n.startswith("nf")]:
     names[f"{name}_nows"] = functools.partial(names[name], standardize=False)
   return names
 
@@ -202,8 +226,14 @@ def build_model(name: str, **overrides) -> hk.TransformedWithState:
 
 
 def image_sizes(name: str) -> tuple[int, int]:
-  """(train, test) resolution of a model: the NFNet table, else 224/224."""
+  """(train, test) resolution: the NFNet or NF-RegNet table, else 224/224."""
   get_constructor(name)
+  if name.startswith("nf_regnet_"):
+    row = nf_regnet.parse_variant(name[len("nf_regnet_"):].split("_")[0])
+    return row.train_image_size, row.test_image_size
+  if name.removesuffix("_nows") in nfnet_light.VARIANTS:
+    row = nfnet_light.VARIANTS[name.removesuffix("_nows")]
+    return row.train_image_size, row.test_image_size
   if name.startswith("nfnet_f"):
     variant = name[len("nfnet_"):].split("_")[0].replace("plus", "+")
     row, _ = parse_variant(variant)

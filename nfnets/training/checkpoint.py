@@ -18,6 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from nfnets import released_weights
+from nfnets import timm_weights
 from nfnets.training import integrity
 
 # Where orbax writes a step before committing it by a rename (on file systems
@@ -276,14 +277,19 @@ def _first_difference(saved: dict, expected: dict) -> Optional[str]:
   return None
 
 
-def load_weights(path: str) -> dict[str, Any]:
+def load_weights(path: str, model: Optional[str] = None) -> dict[str, Any]:
   """The weights and model state (raw and EMA) of a run or a weights file.
 
   Args:
     path: a run's workdir, checkpoints folder or step folder (see
-      `read_params`), or a file: DeepMind's released weights or a safe
-      `.npz` (see `nfnets.released_weights`), whose params serve as both
-      and which hold no model state.
+      `read_params`), or a file: DeepMind's released weights, a safe `.npz`
+      (see `nfnets.released_weights`) or timm's `.safetensors` / `.pth`
+      (`nfnets.timm_weights`; told apart by their content), whose params
+      serve as both and which hold no model state.
+    model: the registered model the weights are for; a timm file is then
+      checked against it (an error names the first tensor that differs and
+      the model the file is for). Without it, a timm file's tree is
+      inferred from its keys.
 
   Returns:
     {'params', 'ema_params', 'model_state', 'ema_model_state'}: trees of
@@ -291,7 +297,10 @@ def load_weights(path: str) -> dict[str, Any]:
     empty).
   """
   if os.path.isfile(path):
-    params = released_weights.load(path)
+    if timm_weights.detect_format(path) in timm_weights.TIMM_FORMATS:
+      params = timm_weights.load(path, model)
+    else:
+      params = released_weights.load(path)
     return {"params": params, "ema_params": params, "model_state": {},
             "ema_model_state": {}}
   return read_params(path)

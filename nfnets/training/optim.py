@@ -2,7 +2,8 @@
 
 The NFNet ImageNet recipe (ICML 2021, Sec. 6 and App. C): SGD with Nesterov
 momentum 0.9, `lr = base_lr * batch_size / 256`, linear warmup from 0 then
-cosine decay to 0 (the released code's step count and schedule), weight decay
+cosine decay to 0 (the released code's step count and schedule; the
+NF-RegNet recipe keeps `lr = base_lr` and decays to `min_lr`), weight decay
 on weights only, AGC on all but the final classifier's weight. AdamW and LAMB
 are offered beside SGD.
 """
@@ -43,25 +44,30 @@ def training_steps(config: ml_collections.ConfigDict,
 def learning_rate_schedule(config: ml_collections.ConfigDict,
                            total_steps: int,
                            steps_per_epoch: float) -> optax.Schedule:
-  """Linear warmup from 0 to the peak lr, then cosine decay to 0.
+  """Linear warmup from 0 to the peak lr, then cosine decay to `min_lr`.
 
   The released code's `WarmupCosineDecay`: the peak is `base_lr *
-  batch_size / 256`; the warmup lasts `warmup_epochs * steps_per_epoch`
+  batch_size / 256`, or `base_lr` with `optimizer.scale_lr_by_batch=False`
+  (its `lr_scale_by_bs`); the warmup lasts `warmup_epochs * steps_per_epoch`
   steps, a fraction of a step included (5 epochs of ImageNet at batch 4096
   are 1563.9 steps), and step t <= warmup gets `peak * t / warmup`; after
-  it, `peak * (1 + cos(pi * (t - warmup) / (total_steps - warmup))) / 2`.
+  it, `min_lr + (peak - min_lr) * (1 + cos(pi * (t - warmup) /
+  (total_steps - warmup))) / 2` (its `min_val`, 0 for NFNets).
   A warmup of 0 starts at the peak.
 
   Args:
     config: the experiment config (`optimizer.base_lr`,
-      `optimizer.warmup_epochs`, `batch_size`).
+      `optimizer.warmup_epochs`, `optimizer.scale_lr_by_batch`,
+      `optimizer.min_lr`, `batch_size`).
     total_steps: the length of training.
     steps_per_epoch: training examples / batch size (not rounded).
 
   Returns:
     step -> learning rate (float32).
   """
-  peak = config.optimizer.base_lr * config.batch_size / 256
+  opt = config.optimizer
+  peak = opt.base_lr * (config.batch_size / 256 if opt.scale_lr_by_batch
+                        else 1.0)
   warmup = config.optimizer.warmup_epochs * steps_per_epoch
   # (Past total_steps the cosine is never read; the floor keeps it finite.)
   decay_length = max(total_steps - warmup, 1e-6)
@@ -69,8 +75,8 @@ def learning_rate_schedule(config: ml_collections.ConfigDict,
   def schedule(step):
     t = jnp.asarray(step, jnp.float32)
     warm = peak * t / warmup if warmup > 0 else jnp.full_like(t, peak)
-    cosine = 0.5 * peak * (1.0 + jnp.cos(jnp.pi * (t - warmup) /
-                                         decay_length))
+    cosine = opt.min_lr + 0.5 * (peak - opt.min_lr) * (
+        1.0 + jnp.cos(jnp.pi * (t - warmup) / decay_length))
     return jnp.where(t <= warmup, warm, cosine)
 
   return schedule

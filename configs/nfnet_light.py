@@ -1,0 +1,48 @@
+"""timm's light NFNets (`eca_nfnet_l0` to `l3`, `nfnet_l0`) on ImageNet.
+
+  python experiments/train.py \
+      --config=configs/nfnet_light.py:model=eca_nfnet_l1 \
+      --workdir=/ckpt/eca_l1 --config.dataset.data_dir=/data/tfds
+
+timm's own recipe for its pretrained weights is not in timm; they were
+trained with AGC, as the NFNets, so this config keeps DeepMind's NFNet
+recipe (configs/nfnet.py: SGD + Nesterov, lr 0.1 * batch / 256, warmup and
+cosine decay over 360 epochs, weight decay 2e-5 on weights only, AGC 0.01
+on all but the classifier weight, label smoothing 0.1, EMA, MixUp and
+CutMix) with the dropout, stochastic depth and RandAugment of the F-variant
+of the same depths (L0 as F0, ..., L3 as F3), at timm's train and test
+resolutions (`nfnet_light.VARIANTS`). Evaluation crops as timm's
+`pretrained_cfg` does: the centre 90% resized with PIL's bicubic
+(`crop_resize_0.9`, `bicubic_antialias`). `smoke=True` swaps in a tiny
+model on the bundled digits data, to check a set-up end to end in a minute.
+"""
+
+from nfnets.models import nfnet
+from nfnets.models import nfnet_light
+from nfnets.training import experiment_config
+
+
+def get_config(arg=None):
+  """Returns the config; `arg` takes `model=<name>` and `smoke=bool`."""
+  options = experiment_config.parse_arg(arg, model="eca_nfnet_l0",
+                                        smoke=False)
+  if options.model not in nfnet_light.VARIANTS:
+    raise ValueError(f"unknown light NFNet {options.model!r}; valid: "
+                     f"{', '.join(nfnet_light.VARIANTS)}")
+  light = nfnet_light.VARIANTS[options.model]
+  row = nfnet.VARIANTS[f"F{options.model[-1]}"]
+  c = experiment_config.base_config()
+  c.model = experiment_config.model_config(
+      options.model, drop_path_rate=0.25, dropout_rate=row.dropout_rate)
+  c.dataset.update(dict(name="imagenet2012",
+                        image_size=light.train_image_size,
+                        eval_image_size=light.test_image_size,
+                        num_classes=1000,
+                        randaugment_layers=row.randaugment[0],
+                        randaugment_magnitude=float(row.randaugment[1]),
+                        mixup_alpha=0.2, cutmix_alpha=1.0,
+                        eval_preproc="crop_resize_0.9",
+                        eval_interpolation="bicubic_antialias"))
+  if options.smoke:
+    experiment_config.make_smoke_test(c)
+  return c
