@@ -1,7 +1,7 @@
 """NF-RegNet B0-B8: normalizer-free RegNets with EfficientNet-style scaling.
 
 Brock, De, Smith. "Characterizing signal propagation to close the performance
-gap in unnormalized ResNets." ICLR 2021, Sec. 5 and App. D: RegNetY-style
+gap in unnormalized ResNets." ICLR 2021 (its NF-RegNets): RegNetY-style
 inverted bottlenecks (1x1 expansion, grouped 3x3 with squeeze-excite, 1x1
 projection) with Scaled WS, scaled SiLU, `h + alpha * f(h / beta)` residual
 blocks and `skip_gain` init 0. Widths, depths, resolutions and dropout per
