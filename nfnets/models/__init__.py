@@ -3,9 +3,18 @@
 `create_model(name, **overrides)` builds the Haiku module (call it inside a
 transform); `build_model(name, **overrides)` returns the transformed pair
 `init(rng, images, is_training)` / `apply(params, state, rng, images,
-is_training, return_metrics=False) -> (output, state)`. Every model is
-transformed with state so that the BN baseline and the NF models share one
-interface; the NF models' state is empty.
+is_training, return_metrics=False, return_features=False) -> (output,
+state)`. Every model is transformed with state so that the BN baseline and
+the NF models share one interface; the NF models' state is empty.
+
+Backbones (`common` has the design): `num_classes=0` builds a headless
+model whose output is the pooled pre-logits; `return_features=True` makes
+the output `(output, {feature: array})` (after the metrics when both are
+asked for); `feature_info(name, **overrides)` lists the features with
+their channels and strides without running the model; `output_stride=16`
+or `8` dilates the last stages; `parameter_groups(name, params)` says which
+of `stem`, `stage<i>`, `final`, `head` each parameter belongs to (for
+freezing, `nfnets.training.optim`).
 
 Suffix `_nows` gives the same model with plain convs instead of Scaled WS (the
 signal-propagation control), e.g. `nf_resnet50_nows`.
@@ -24,6 +33,7 @@ from typing import Any, Callable, Mapping
 
 import haiku as hk
 
+from nfnets.models import common
 from nfnets.models import nf_regnet
 from nfnets.models import nf_resnet_timm
 from nfnets.models import nfnet_light
@@ -87,15 +97,17 @@ def create_model(name: str, **overrides) -> hk.Module:
     if key not in valid or key == "name":
       raise ValueError(f"unknown option {key!r} for model {name!r}; valid: "
                        f"{', '.join(k for k in valid if k != 'name')}")
-  if overrides.get("num_classes", 1) < 1:
+  if overrides.get("num_classes", 1) < 0:
     raise ValueError(f"num_classes must be positive, got "
-                     f"{overrides['num_classes']}")
+                     f"{overrides['num_classes']} (or 0 for a headless "
+                     "model)")
   return constructor(**overrides)
 
 
 # Set elsewhere than in a config's model options: num_classes from the
-# dataset, name by Haiku.
-_NOT_OPTIONS = ("num_classes", "name")
+# dataset, name by Haiku, output_stride by a dense-prediction user of the
+# backbone (`build_model`), not by the classification trainer.
+_NOT_OPTIONS = ("num_classes", "name", "output_stride")
 
 
 def _bound(name: str) -> dict[str, Any]:
@@ -218,11 +230,57 @@ def build_model(name: str, **overrides) -> hk.TransformedWithState:
   """Returns init/apply of the named model; see the module docstring."""
   get_constructor(name)  # fail early on an unknown name
 
-  def forward(images, is_training: bool, return_metrics: bool = False):
-    return create_model(name, **overrides)(images, is_training=is_training,
-                                           return_metrics=return_metrics)
+  def forward(images, is_training: bool, return_metrics: bool = False,
+              return_features: bool = False):
+    return create_model(name, **overrides)(
+        images, is_training=is_training, return_metrics=return_metrics,
+        return_features=return_features)
 
   return hk.transform_with_state(forward)
+
+
+def _constructed(name: str, read: Callable[[hk.Module], Any],
+                 **overrides) -> Any:
+  """What `read` takes from the model, constructed but not run."""
+  return hk.transform(lambda: read(create_model(name, **overrides))).apply(
+      {}, None)
+
+
+def feature_info(name: str, **overrides) -> list[dict[str, Any]]:
+  """The features `return_features=True` gives, without running the model.
+
+  Args:
+    name: a registered model name.
+    **overrides: model options (`output_stride`, `width_multiplier`, ...).
+
+  Returns:
+    [{'name', 'channels', 'stride'}, ...] in network order: `stem`,
+    `stage0` ... `stage3`, `final_conv` (models that have one), and
+    `pre_logits` (pooled: stride None).
+  """
+  return _constructed(name, lambda m: m.feature_info, **overrides)
+
+
+def parameter_groups(name: str, params: Mapping[str, Mapping[str, Any]],
+                     **overrides) -> Any:
+  """Each parameter's group: `stem`, `stage<i>`, `final` or `head`.
+
+  Taken from the model's own module paths (`common.parameter_groups`): the
+  stem's modules (NFNet `stem_conv*`, NF-ResNet/ResNet `initial_conv`, timm
+  families `stem`), each block (`nf_block_<k>`, `stages_<i>_<j>`, ...) by
+  the stage it was built in, the final conv or BN, and the classifier
+  `linear` (plus Fixup's root scalars `bias1`, `bias2`).
+
+  Args:
+    name: a registered model name.
+    params: the model's params tree (arrays or shapes).
+    **overrides: the options it was built with.
+
+  Returns:
+    A tree of group names with the structure of `params`.
+  """
+  return _constructed(name, lambda m: common.parameter_groups(m, params),
+                      **overrides)
 
 
 def image_sizes(name: str) -> tuple[int, int]:

@@ -44,6 +44,8 @@ VARIANTS: dict[str, Variant] = {
 }
 # Every stage, the first included, starts with a stride-2 block after the
 # stride-2 stem.
+STRIDES = (2, 2, 2, 2)
+STEM_STRIDE = 2
 TOTAL_STRIDE = 32
 # The head's 1x1 conv widens the last stage as EfficientNet-B0's does
 # (320 -> 1280); the released code's `int(1280 * ch // 440)`.
@@ -78,15 +80,19 @@ class NFRegNetBlock(hk.Module):
   conv; per-example stochastic depth follows. A strided block's shortcut is
   2x2 average pooling then a 1x1 conv of the normalised input, a widening
   block's a 1x1 conv of it, else identity (the released `NFBlock`).
+  Dilated (`common.stage_layout`), `conv1` takes `first_dilation`, and a
+  dilated stage's first block keeps its shortcut conv, without the pool.
   """
 
   def __init__(self, in_channels: int, out_channels: int, *, stride: int,
                expansion: float, group_width: int, se_ratio: float,
                beta: float, alpha: float, activation: layers.Activation,
                drop_rate: float, standardize: bool,
-               scale_by_keep: bool = False, name: Optional[str] = None):
+               scale_by_keep: bool = False, first_dilation: int = 1,
+               dilation: int = 1, name: Optional[str] = None):
     super().__init__(name=name)
     self.stride = stride
+    self.first_dilation = first_dilation
     self.beta = beta
     self.alpha = alpha
     self.activation = activation
@@ -105,7 +111,7 @@ class NFRegNetBlock(hk.Module):
                       feature_group_count=width // group_width, name="conv1")
     self.conv2 = conv(out_channels, 1, name="conv2")
     self.conv_shortcut = None
-    if stride > 1 or in_channels != out_channels:
+    if stride > 1 or dilation != first_dilation or in_channels != out_channels:
       self.conv_shortcut = conv(out_channels, 1, name="conv_shortcut")
     self.se = layers.SqueezeExcite(width, max(1, int(width * se_ratio)),
                                    name="squeeze_excite")
@@ -122,7 +128,8 @@ class NFRegNetBlock(hk.Module):
     if self.conv_shortcut is not None:
       shortcut = self.conv_shortcut(shortcut)
     out = self.conv0(out)
-    out = self.conv1(self.activation(out))
+    out = common.dilated(self.conv1, self.activation(out),
+                         self.first_dilation)
     # SE sits inside the branch here, not at its end as in NFNets.
     out = 2.0 * self.se(out).astype(out.dtype) * out
     out = self.conv2(self.activation(out))
@@ -144,7 +151,9 @@ class NFRegNet(hk.Module):
   classifier (`fc_init_std=0`). `dropout_rate` None takes the variant's.
   `depths` replaces the variant's blocks per stage (for tiny test models),
   `standardize=False` gives plain convs and `remat=True` recomputes block
-  activations in the backward pass (`common.apply_blocks`).
+  activations in the backward pass (`common.apply_blocks`). Backbone
+  options (`num_classes=0`, `output_stride`, `return_features`) as for
+  NFNet; the stem's features are at stride 2.
   """
 
   def __init__(self, num_classes: int = 1000, variant: str = "B0", *,
@@ -156,10 +165,13 @@ class NFRegNet(hk.Module):
                drop_path_scale_by_keep: bool = False,
                dropout_rate: Optional[float] = None,
                fc_init_std: float = 0.0, standardize: bool = True,
-               remat: bool = False, name: str = "NF_RegNet"):
+               remat: bool = False, output_stride: int = TOTAL_STRIDE,
+               name: str = "NF_RegNet"):
     super().__init__(name=name)
     self.remat = remat
     row = parse_variant(variant)
+    layout = common.stage_layout(STRIDES, STEM_STRIDE, output_stride)
+    self.output_stride = output_stride
     depths = tuple(depths) if depths is not None else row.depths
     if len(depths) != len(row.depths) or min(depths) < 1:
       raise ValueError(f"depths must be 4 positive block counts, got {depths}")
@@ -182,7 +194,7 @@ class NFRegNet(hk.Module):
     for stage, (width, depth) in enumerate(zip(widths, depths)):
       for j in range(depth):
         self.blocks.append(NFRegNetBlock(
-            in_ch, width, stride=2 if j == 0 else 1,
+            in_ch, width, **layout[stage].block(j),
             expansion=1.0 if index == 0 else expansion,
             group_width=group_width, se_ratio=se_ratio,
             beta=1.0 / expected_std, alpha=alpha, activation=self.activation,
@@ -196,21 +208,24 @@ class NFRegNet(hk.Module):
         expected_std = ((1.0 if j == 0 else expected_std ** 2) +
                         alpha ** 2) ** 0.5
         in_ch, index = width, index + 1
-    self.final_conv = layers.WSConv2D(
-        FINAL_CONV_WIDTH * in_ch // FINAL_CONV_BASE, 1,
-        standardize=standardize, name="final_conv")
+    final_width = FINAL_CONV_WIDTH * in_ch // FINAL_CONV_BASE
+    self.final_conv = layers.WSConv2D(final_width, 1,
+                                      standardize=standardize,
+                                      name="final_conv")
     self.classifier = common.classifier(num_classes, fc_init_std)
+    self.feature_info = common.feature_info(widths[0], STEM_STRIDE, widths,
+                                            layout, final_width)
 
   def __call__(self, images: jax.Array, is_training: bool,
-               return_metrics: bool = False):
+               return_metrics: bool = False, return_features: bool = False):
     """Applies the network; see `NFNet.__call__` for the arguments."""
-    common.check_image(images, TOTAL_STRIDE)
+    common.check_image(images, self.output_stride)
+    collected = {"stem": self.stem(images)}
     out, metrics = common.apply_blocks(self.blocks, self.block_stages,
-                                       self.stem(images), is_training,
-                                       self.remat)
-    out = self.activation(self.final_conv(out))
-    logits = common.classify(out, self.classifier, self.dropout_rate,
-                             is_training)
-    if not return_metrics:
-      return logits
-    return logits, metrics
+                                       collected["stem"], is_training,
+                                       self.remat, collected)
+    out = collected["final_conv"] = self.activation(self.final_conv(out))
+    output = common.classify(out, self.classifier, self.dropout_rate,
+                             is_training, collected)
+    return common.outputs(output, metrics, collected, return_metrics,
+                          return_features)

@@ -27,6 +27,7 @@ DEPTHS: dict[int, tuple[int, int, int, int]] = {
 }
 WIDTHS = (256, 512, 1024, 2048)
 STRIDES = (1, 2, 2, 2)
+STEM_STRIDE = 4
 TOTAL_STRIDE = 32  # 7x7 conv and max pool, then three strided stages
 
 
@@ -42,14 +43,18 @@ class NFResBlock(hk.Module):
 
   With `se_ratio` > 0 the branch ends in squeeze-excite applied as
   `2 * gate * x` before stochastic depth, as the released code's
-  `NFResBlock` does with `use_se=True`.
+  `NFResBlock` does with `use_se=True`. Dilated (`common.stage_layout`),
+  `conv1` takes `first_dilation` and a dilated stage's first block keeps its
+  (stride-1) shortcut conv.
   """
 
   def __init__(self, in_channels: int, out_channels: int, *, stride: int,
                beta: float, alpha: float, activation: layers.Activation,
                drop_rate: float, standardize: bool, se_ratio: float = 0.0,
-               scale_by_keep: bool = False, name: Optional[str] = None):
+               scale_by_keep: bool = False, first_dilation: int = 1,
+               dilation: int = 1, name: Optional[str] = None):
     super().__init__(name=name)
+    self.first_dilation = first_dilation
     self.beta = beta
     self.alpha = alpha
     self.activation = activation
@@ -62,7 +67,7 @@ class NFResBlock(hk.Module):
     self.conv1 = conv(width, 3, stride=stride, name="conv1")
     self.conv2 = conv(out_channels, 1, name="conv2")
     self.conv_shortcut = None
-    if stride > 1 or in_channels != out_channels:
+    if stride > 1 or dilation != first_dilation or in_channels != out_channels:
       self.conv_shortcut = conv(out_channels, 1, stride=stride,
                                 name="conv_shortcut")
     self.se = None
@@ -78,7 +83,8 @@ class NFResBlock(hk.Module):
     out = self.activation(x) * self.beta
     shortcut = x if self.conv_shortcut is None else self.conv_shortcut(out)
     out = self.conv0(out)
-    out = self.conv1(self.activation(out))
+    out = common.dilated(self.conv1, self.activation(out),
+                         self.first_dilation)
     out = self.conv2(self.activation(out))
     return common.residual_end(
         out, shortcut, se=self.se, alpha=self.alpha, drop_rate=self.drop_rate,
@@ -90,7 +96,9 @@ class NFResNet(hk.Module):
 
   `use_se` adds squeeze-excite (hidden width `se_ratio` of each block's
   output) to every block; `drop_path_scale_by_keep` and `fc_init_std` are as
-  for NFNet (defaults: the released code's no rescaling and N(0, 0.01^2)).
+  for NFNet (defaults: the released code's no rescaling and N(0, 0.01^2)),
+  and so are the backbone options (`num_classes=0`, `output_stride`,
+  `return_features`); it has no final conv.
   """
 
   def __init__(self, num_classes: int = 1000, depth: int = 50, *,
@@ -101,10 +109,12 @@ class NFResNet(hk.Module):
                dropout_rate: float = 0.25, use_se: bool = False,
                se_ratio: float = 0.25, fc_init_std: float = 0.01,
                standardize: bool = True, remat: bool = False,
-               name: str = "NFResNet"):
+               output_stride: int = TOTAL_STRIDE, name: str = "NFResNet"):
     super().__init__(name=name)
     self.remat = remat
     depths = check_depth(depth)
+    layout = common.stage_layout(STRIDES, STEM_STRIDE, output_stride)
+    self.output_stride = output_stride
     widths = [int(w * width_multiplier) for w in WIDTHS]
     if min(widths) < 4:
       raise ValueError(f"width_multiplier {width_multiplier} leaves a stage "
@@ -117,11 +127,10 @@ class NFResNet(hk.Module):
                                 standardize=standardize, name="initial_conv")
     self.blocks, self.block_stages = [], []
     in_ch, expected_std, index, total = widths[0] // 4, 1.0, 0, sum(depths)
-    for stage, (width, count, stride) in enumerate(zip(widths, depths,
-                                                       STRIDES)):
+    for stage, (width, count) in enumerate(zip(widths, depths)):
       for j in range(count):
         self.blocks.append(NFResBlock(
-            in_ch, width, stride=stride if j == 0 else 1,
+            in_ch, width, **layout[stage].block(j),
             beta=1.0 / expected_std, alpha=alpha, activation=self.activation,
             drop_rate=drop_path_rate * index / total,
             scale_by_keep=drop_path_scale_by_keep,
@@ -131,16 +140,18 @@ class NFResNet(hk.Module):
                         alpha ** 2) ** 0.5
         in_ch, index = width, index + 1
     self.classifier = common.classifier(num_classes, fc_init_std)
+    self.feature_info = common.feature_info(widths[0] // 4, STEM_STRIDE,
+                                            widths, layout)
 
   def __call__(self, images: jax.Array, is_training: bool,
-               return_metrics: bool = False):
+               return_metrics: bool = False, return_features: bool = False):
     """Applies the network; see `NFNet.__call__` for the arguments."""
-    common.check_image(images, TOTAL_STRIDE)
+    common.check_image(images, self.output_stride)
     out = hk.max_pool(self.stem(images), (1, 3, 3, 1), (1, 2, 2, 1), "SAME")
+    collected = {"stem": out}
     out, metrics = common.apply_blocks(self.blocks, self.block_stages, out,
-                                       is_training, self.remat)
-    logits = common.classify(self.activation(out), self.classifier,
-                             self.dropout_rate, is_training)
-    if not return_metrics:
-      return logits
-    return logits, metrics
+                                       is_training, self.remat, collected)
+    output = common.classify(self.activation(out), self.classifier,
+                             self.dropout_rate, is_training, collected)
+    return common.outputs(output, metrics, collected, return_metrics,
+                          return_features)

@@ -37,6 +37,7 @@ WIDTHS = (256, 512, 1024, 2048)
 STEM_WIDTH = 64
 BOTTLE_RATIO = 0.25
 SE_RATIO = 1 / 16
+STEM_STRIDE = 4
 TOTAL_STRIDE = 32  # 7x7 conv and max pool, then three strided stages
 
 
@@ -60,8 +61,9 @@ class NFResNetTimm(hk.Module):
 
   `attention` is 'se', 'eca' or None; `width_multiplier` (timm's
   `width_factor`, widths rounded to multiples of 8), `activation`,
-  `standardize=False` and `remat` as for `nfnet_light.NFNetLight`. timm's
-  defaults: no stochastic depth or dropout.
+  `standardize=False`, `remat` and the backbone options (`num_classes=0`,
+  `output_stride`, `return_features`) as for `nfnet_light.NFNetLight`; no
+  final conv. timm's defaults: no stochastic depth or dropout.
   """
 
   def __init__(self, num_classes: int = 1000, depth: int = 50, *,
@@ -71,6 +73,7 @@ class NFResNetTimm(hk.Module):
                alpha: float = 0.2, drop_path_rate: float = 0.0,
                dropout_rate: float = 0.0, fc_init_std: float = 0.01,
                standardize: bool = True, remat: bool = False,
+               output_stride: int = TOTAL_STRIDE,
                name: str = "NFResNetTimm"):
     super().__init__(name=name)
     if depth not in DEPTHS:
@@ -86,6 +89,9 @@ class NFResNetTimm(hk.Module):
       raise ValueError(f"bad drop_path_rate {drop_path_rate} or dropout_rate "
                        f"{dropout_rate}")
     self.remat = remat
+    layout = common.stage_layout(nfnet_light.STRIDES, STEM_STRIDE,
+                                 output_stride)
+    self.output_stride = output_stride
     self.dropout_rate = dropout_rate
     self.activation, gamma = nfnet_light.activation_and_gamma(activation)
     conv = lambda ch, k, **kw: layers.ScaledStdConv2D(  # pylint: disable=g-long-lambda
@@ -96,20 +102,22 @@ class NFResNetTimm(hk.Module):
               for w in WIDTHS]
     self.blocks, self.block_stages = nfnet_light.make_blocks(
         stem_width, widths, DEPTHS[depth], drop_path_rate=drop_path_rate,
-        alpha=alpha, group_width=None, bottle_ratio=BOTTLE_RATIO,
+        alpha=alpha, layout=layout, group_width=None, bottle_ratio=BOTTLE_RATIO,
         extra_conv=False, attention=attention, se_ratio=SE_RATIO,
         activation=self.activation, gamma=gamma, standardize=standardize)
     self.classifier = common.classifier(num_classes, fc_init_std)
+    self.feature_info = common.feature_info(stem_width, STEM_STRIDE, widths,
+                                            layout)
 
   def __call__(self, images: jax.Array, is_training: bool,
-               return_metrics: bool = False):
+               return_metrics: bool = False, return_features: bool = False):
     """Applies the network; see `NFNet.__call__` for the arguments."""
-    common.check_image(images, TOTAL_STRIDE)
+    common.check_image(images, self.output_stride)
+    collected = {"stem": self.stem(images)}
     out, metrics = common.apply_blocks(
-        self.blocks, self.block_stages, self.stem(images), is_training,
-        self.remat)
-    logits = common.classify(self.activation(out), self.classifier,
-                             self.dropout_rate, is_training)
-    if not return_metrics:
-      return logits
-    return logits, metrics
+        self.blocks, self.block_stages, collected["stem"], is_training,
+        self.remat, collected)
+    output = common.classify(self.activation(out), self.classifier,
+                             self.dropout_rate, is_training, collected)
+    return common.outputs(output, metrics, collected, return_metrics,
+                          return_features)

@@ -39,6 +39,7 @@ VARIANTS: dict[str, Variant] = {f"F{k}": _variant(k) for k in range(8)}
 WIDTHS = (256, 512, 1536, 1536)
 PLUS_WIDTHS = (384, 768, 2048, 2048)
 STRIDES = (1, 2, 2, 2)
+STEM_STRIDE = 4
 TOTAL_STRIDE = 32  # stem 4 x three strided stages
 # The released code's defaults: `group_pattern`, `final_conv_mult`.
 GROUP_WIDTH = 128
@@ -108,6 +109,10 @@ class NFBlock(hk.Module):
   squeeze-excite (`2 * gate * x`) and per-example stochastic depth. A strided
   block's shortcut is 2x2 average pooling then a 1x1 conv of the normalised
   input; a widening block's is a 1x1 conv of it; else identity.
+
+  Dilated (`common.stage_layout`): `conv1` takes `first_dilation` and
+  `conv1b` `dilation`; the first block of a dilated stage (stride 1,
+  `dilation` > `first_dilation`) keeps its shortcut conv, without the pool.
   """
 
   def __init__(self, in_channels: int, out_channels: int, *, stride: int,
@@ -115,9 +120,11 @@ class NFBlock(hk.Module):
                activation: layers.Activation, se_ratio: float,
                drop_rate: float, standardize: bool, expansion: float = 0.5,
                use_two_convs: bool = True, scale_by_keep: bool = False,
+               first_dilation: int = 1, dilation: int = 1,
                name: Optional[str] = None):
     super().__init__(name=name)
     self.stride = stride
+    self.first_dilation, self.dilation = first_dilation, dilation
     self.beta = beta
     self.alpha = alpha
     self.activation = activation
@@ -135,7 +142,7 @@ class NFBlock(hk.Module):
       self.conv1b = conv(width, 3, feature_group_count=groups, name="conv1b")
     self.conv2 = conv(out_channels, 1, name="conv2")
     self.conv_shortcut = None
-    if stride > 1 or in_channels != out_channels:
+    if stride > 1 or dilation != first_dilation or in_channels != out_channels:
       self.conv_shortcut = conv(out_channels, 1, name="conv_shortcut")
     self.se = None
     if se_ratio > 0:
@@ -155,9 +162,10 @@ class NFBlock(hk.Module):
     if self.conv_shortcut is not None:
       shortcut = self.conv_shortcut(shortcut)
     out = self.conv0(out)
-    out = self.conv1(self.activation(out))
+    out = common.dilated(self.conv1, self.activation(out),
+                         self.first_dilation)
     if self.conv1b is not None:
-      out = self.conv1b(self.activation(out))
+      out = common.dilated(self.conv1b, self.activation(out), self.dilation)
     out = self.conv2(self.activation(out))
     return common.residual_end(
         out, shortcut, se=self.se, alpha=self.alpha, drop_rate=self.drop_rate,
@@ -181,6 +189,8 @@ class NFNet(hk.Module):
   `fc_init_std` is the classifier weights' init std (0: zeros).
   `remat=True` recomputes block activations in the backward pass
   (`apply_blocks`), trading compute for memory: larger batches fit.
+  As a backbone (`common`): `num_classes=0` (headless), `output_stride`
+  32, 16, 8 or 4, and `return_features` in `__call__`.
   """
 
   def __init__(self, num_classes: int = 1000, variant: str = "F0", *,
@@ -198,10 +208,12 @@ class NFNet(hk.Module):
                final_conv_ch: Optional[int] = None,
                fc_init_std: float = 0.01,
                standardize: bool = True, remat: bool = False,
-               name: str = "NFNet"):
+               output_stride: int = TOTAL_STRIDE, name: str = "NFNet"):
     super().__init__(name=name)
     self.remat = remat
     row, base_widths = parse_variant(variant)
+    layout = common.stage_layout(STRIDES, STEM_STRIDE, output_stride)
+    self.output_stride = output_stride
     depths = tuple(depths) if depths is not None else row.depths
     if len(depths) != len(STRIDES) or min(depths) < 1:
       raise ValueError(f"depths must be 4 positive block counts, got {depths}")
@@ -242,11 +254,10 @@ class NFNet(hk.Module):
     self.blocks = []
     self.block_stages = []
     in_ch, expected_std, index, total = widths[0] // 2, 1.0, 0, sum(depths)
-    for stage, (width, depth, stride) in enumerate(zip(widths, depths,
-                                                       STRIDES)):
+    for stage, (width, depth) in enumerate(zip(widths, depths)):
       for j in range(depth):
         self.blocks.append(NFBlock(
-            in_ch, width, stride=stride if j == 0 else 1,
+            in_ch, width, **layout[stage].block(j),
             beta=1.0 / expected_std, alpha=alpha,
             group_width=group_widths[stage], expansion=expansions[stage],
             use_two_convs=use_two_convs, activation=self.activation,
@@ -258,36 +269,39 @@ class NFNet(hk.Module):
         expected_std = ((1.0 if j == 0 else expected_std ** 2) +
                         alpha ** 2) ** 0.5
         in_ch, index = width, index + 1
-    self.final_conv = conv(
-        final_conv_width(widths[-1], final_conv_mult, final_conv_ch), 1,
-        name="final_conv")
+    final_width = final_conv_width(widths[-1], final_conv_mult, final_conv_ch)
+    self.final_conv = conv(final_width, 1, name="final_conv")
     self.classifier = common.classifier(num_classes, fc_init_std)
+    self.feature_info = common.feature_info(
+        widths[0] // 2, STEM_STRIDE, widths, layout, final_width)
 
   def __call__(self, images: jax.Array, is_training: bool,
-               return_metrics: bool = False):
+               return_metrics: bool = False, return_features: bool = False):
     """Applies the network.
 
     Args:
       images: [N, H, W, 3], H and W at least 32 (the total stride).
       is_training: enables stochastic depth and dropout (needs an rng).
       return_metrics: also return the per-block signal metrics.
+      return_features: also return the features of `feature_info`.
 
     Returns:
-      logits [N, num_classes]; with `return_metrics`, also a dict of
-      per-block arrays `avg_sq_mean`, `avg_var` (block outputs),
-      `res_var` (residual branch ends) and `stage`.
+      logits [N, num_classes] (headless: the pre-logits [N, C]); then, as
+      asked, a dict of per-block arrays `avg_sq_mean`, `avg_var` (block
+      outputs), `res_var` (residual branch ends) and `stage`, and a dict of
+      features {name: array} (`common.outputs`).
     """
-    common.check_image(images, TOTAL_STRIDE)
-    out = images
+    common.check_image(images, self.output_stride)
+    out, collected = images, {}
     for i, conv in enumerate(self.stem):
       out = conv(out)
       if i < len(self.stem) - 1:
         out = self.activation(out)
+    collected["stem"] = out
     out, metrics = common.apply_blocks(self.blocks, self.block_stages, out,
-                                       is_training, self.remat)
-    out = self.activation(self.final_conv(out))
-    logits = common.classify(out, self.classifier, self.dropout_rate,
-                             is_training)
-    if not return_metrics:
-      return logits
-    return logits, metrics
+                                       is_training, self.remat, collected)
+    out = collected["final_conv"] = self.activation(self.final_conv(out))
+    output = common.classify(out, self.classifier, self.dropout_rate,
+                             is_training, collected)
+    return common.outputs(output, metrics, collected, return_metrics,
+                          return_features)

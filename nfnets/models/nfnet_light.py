@@ -83,6 +83,7 @@ GROUP_WIDTH = 64
 BOTTLE_RATIO = 0.25
 SE_RATIO = 0.25  # nfnet_l0's SE: hidden width a quarter of the block's
 ATTENTION_GAIN = 2.0
+STEM_STRIDE = 4
 TOTAL_STRIDE = 32  # stem 4 x three strided stages
 _TIMM_NAMES = {"weight": "w", "bias": "b", "gain": "gain"}
 # By rank: conv OIHW -> HWIO, ECA conv OIW -> WIO, dense [out, in] -> [in,
@@ -153,7 +154,10 @@ class NormFreeBlock(hk.Module):
   The branch: 1x1 conv (`conv1`), 3x3 grouped conv carrying the stride
   (`conv2`), with `extra_conv` a second one (`conv2b`), 1x1 conv with its
   gain initialised to 0 (`conv3`), then `2 * gate * x` of the attention
-  (`attn_last`: 'eca', 'se' or None) and stochastic depth.
+  (`attn_last`: 'eca', 'se' or None) and stochastic depth. Dilated
+  (`common.stage_layout`), `conv2` takes `first_dilation` and `conv2b`
+  `dilation`; a dilated stage's first block keeps its shortcut conv,
+  without the pool (timm pools 2x2 at stride 1 there).
   """
 
   def __init__(self, in_channels: int, out_channels: int, *, stride: int,
@@ -161,9 +165,11 @@ class NormFreeBlock(hk.Module):
                bottle_ratio: float, extra_conv: bool, attention: Optional[str],
                se_ratio: float, activation: layers.Activation, gamma: float,
                drop_rate: float, standardize: bool = True,
+               first_dilation: int = 1, dilation: int = 1,
                name: Optional[str] = None):
     super().__init__(name=name)
     self.beta, self.alpha, self.drop_rate = beta, alpha, drop_rate
+    self.first_dilation, self.dilation = first_dilation, dilation
     self.activation = activation
     mid = make_divisible(out_channels * bottle_ratio)
     groups = mid // group_width if group_width else 1
@@ -176,7 +182,7 @@ class NormFreeBlock(hk.Module):
     conv = lambda ch, k, **kw: layers.ScaledStdConv2D(  # pylint: disable=g-long-lambda
         ch, k, gamma=gamma, standardize=standardize, **kw)
     self.downsample = None
-    if in_channels != out_channels or stride != 1:
+    if in_channels != out_channels or stride != 1 or dilation != first_dilation:
       self.downsample = DownsampleAvg(out_channels, stride, conv)
     self.conv1 = conv(mid, 1, name="conv1")
     self.conv2 = conv(mid, 3, stride=stride, feature_group_count=groups,
@@ -202,9 +208,10 @@ class NormFreeBlock(hk.Module):
     out = self.activation(x) * self.beta
     shortcut = x if self.downsample is None else self.downsample(out)
     out = self.conv1(out)
-    out = self.conv2(self.activation(out))
+    out = common.dilated(self.conv2, self.activation(out),
+                         self.first_dilation)
     if self.conv2b is not None:
-      out = self.conv2b(self.activation(out))
+      out = common.dilated(self.conv2b, self.activation(out), self.dilation)
     out = self.conv3(self.activation(out))
     scale = self.alpha
     if self.attn is not None:
@@ -220,6 +227,7 @@ class NormFreeBlock(hk.Module):
 
 def make_blocks(in_channels: int, widths: Sequence[int],
                 depths: Sequence[int], *, drop_path_rate: float, alpha: float,
+                layout: Sequence[common.StageLayout],
                 **block_options) -> tuple[list[NormFreeBlock], list[int]]:
   """timm's stages: blocks `stages_{stage}_{index}` and their stage indices.
 
@@ -227,7 +235,8 @@ def make_blocks(in_channels: int, widths: Sequence[int],
   by alpha^2 a block and restarts at 1 after each stage's first block,
   whose shortcut is a conv of the normalised input (ICML 2021, Sec. 3).
   Stochastic-depth rates rise linearly from 0 to `drop_path_rate` over all
-  blocks (timm's `calculate_drop_path_rates`).
+  blocks (timm's `calculate_drop_path_rates`). `layout` gives each stage's
+  strides and dilations (`common.stage_layout`).
   """
   total = sum(depths)
   rates = np.linspace(0.0, drop_path_rate, total)
@@ -235,7 +244,7 @@ def make_blocks(in_channels: int, widths: Sequence[int],
   for stage, (width, depth) in enumerate(zip(widths, depths)):
     for j in range(depth):
       blocks.append(NormFreeBlock(
-          in_channels, width, stride=STRIDES[stage] if j == 0 else 1,
+          in_channels, width, **layout[stage].block(j),
           beta=expected_var ** -0.5, alpha=alpha,
           drop_rate=float(rates[index]), name=f"stages_{stage}_{j}",
           **block_options))
@@ -270,7 +279,9 @@ class NFNetLight(hk.Module):
   to multiples of 8), `group_width` (timm's `group_size`), `depths`,
   `final_conv_mult`, `activation` (its gamma goes into the convs),
   `standardize=False` (plain convs, the signal-propagation control) and
-  `remat` as for `NFNet`. timm's defaults: no stochastic depth or dropout.
+  `remat` and the backbone options (`num_classes=0`, `output_stride`,
+  `return_features`) as for `NFNet`. timm's defaults: no stochastic depth
+  or dropout.
   """
 
   def __init__(self, num_classes: int = 1000, variant: str = "eca_nfnet_l0",
@@ -282,7 +293,7 @@ class NFNetLight(hk.Module):
                alpha: float = 0.2, drop_path_rate: float = 0.0,
                dropout_rate: float = 0.0, fc_init_std: float = 0.01,
                standardize: bool = True, remat: bool = False,
-               name: str = "NFNetLight"):
+               output_stride: int = TOTAL_STRIDE, name: str = "NFNetLight"):
     super().__init__(name=name)
     if variant not in VARIANTS:
       raise ValueError(f"unknown light NFNet {variant!r}; valid: "
@@ -298,6 +309,8 @@ class NFNetLight(hk.Module):
       raise ValueError(f"bad drop_path_rate {drop_path_rate} or dropout_rate "
                        f"{dropout_rate}")
     self.remat = remat
+    layout = common.stage_layout(STRIDES, STEM_STRIDE, output_stride)
+    self.output_stride = output_stride
     self.dropout_rate = dropout_rate
     self.activation, gamma = activation_and_gamma(activation)
     conv = lambda ch, k, **kw: layers.ScaledStdConv2D(  # pylint: disable=g-long-lambda
@@ -307,8 +320,8 @@ class NFNetLight(hk.Module):
     widths = [make_divisible(w * width_multiplier) for w in WIDTHS]
     self.blocks, self.block_stages = make_blocks(
         stem_width, widths, depths, drop_path_rate=drop_path_rate,
-        alpha=alpha, group_width=group_width, bottle_ratio=BOTTLE_RATIO,
-        extra_conv=True, attention=row.attention, se_ratio=SE_RATIO,
+        alpha=alpha, layout=layout, group_width=group_width,
+        bottle_ratio=BOTTLE_RATIO, extra_conv=True, attention=row.attention, se_ratio=SE_RATIO,
         activation=self.activation, gamma=gamma, standardize=standardize)
     mult = row.final_conv_mult if final_conv_mult is None else final_conv_mult
     if mult <= 0:
@@ -318,17 +331,19 @@ class NFNetLight(hk.Module):
         width_multiplier * int(WIDTHS[-1] * mult))
     self.final_conv = conv(final_width, 1, name="final_conv")
     self.classifier = common.classifier(num_classes, fc_init_std)
+    self.feature_info = common.feature_info(stem_width, STEM_STRIDE, widths,
+                                            layout, final_width)
 
   def __call__(self, images: jax.Array, is_training: bool,
-               return_metrics: bool = False):
+               return_metrics: bool = False, return_features: bool = False):
     """Applies the network; see `NFNet.__call__` for the arguments."""
-    common.check_image(images, TOTAL_STRIDE)
+    common.check_image(images, self.output_stride)
+    collected = {"stem": self.stem(images)}
     out, metrics = common.apply_blocks(
-        self.blocks, self.block_stages, self.stem(images), is_training,
-        self.remat)
-    out = self.activation(self.final_conv(out))
-    logits = common.classify(out, self.classifier, self.dropout_rate,
-                             is_training)
-    if not return_metrics:
-      return logits
-    return logits, metrics
+        self.blocks, self.block_stages, collected["stem"], is_training,
+        self.remat, collected)
+    out = collected["final_conv"] = self.activation(self.final_conv(out))
+    output = common.classify(out, self.classifier, self.dropout_rate,
+                             is_training, collected)
+    return common.outputs(output, metrics, collected, return_metrics,
+                          return_features)

@@ -52,20 +52,26 @@ def _activation(name: str) -> Callable[[jax.Array], jax.Array]:
   return ACTIVATIONS[name]
 
 
-def _block_layout(depth: int, width_multiplier: float) -> Iterator[
-    tuple[int, int, int, int, int, int]]:
-  """(stage, in_channels, out_channels, stride, index, total) of each block."""
+def _block_layout(depth: int, width_multiplier: float,
+                  layout: list[common.StageLayout]) -> Iterator[
+                      tuple[int, int, int, dict[str, int], int, int]]:
+  """(stage, in_channels, out_channels, strides and dilations, index,
+  total) of each block."""
   depths = nf_resnet.check_depth(depth)
+  widths = _widths(width_multiplier)
+  in_ch, index, total = widths[0] // 4, 0, sum(depths)
+  for stage, (width, count) in enumerate(zip(widths, depths)):
+    for j in range(count):
+      yield stage, in_ch, width, layout[stage].block(j), index, total
+      in_ch, index = width, index + 1
+
+
+def _widths(width_multiplier: float) -> list[int]:
   widths = [int(w * width_multiplier) for w in nf_resnet.WIDTHS]
   if min(widths) < 4:
     raise ValueError(f"width_multiplier {width_multiplier} leaves a stage "
                      "with fewer than 4 channels")
-  in_ch, index, total = widths[0] // 4, 0, sum(depths)
-  for stage, (width, count, stride) in enumerate(
-      zip(widths, depths, nf_resnet.STRIDES)):
-    for j in range(count):
-      yield stage, in_ch, width, stride if j == 0 else 1, index, total
-      in_ch, index = width, index + 1
+  return widths
 
 
 def _scalar(name: str, dtype, init=jnp.zeros) -> jax.Array:
@@ -85,9 +91,11 @@ class SkipInitBlock(hk.Module):
   def __init__(self, in_channels: int, out_channels: int, *, stride: int,
                activation: Callable[[jax.Array], jax.Array],
                drop_rate: float, scale_by_keep: bool = False,
+               first_dilation: int = 1, dilation: int = 1,
                name: Optional[str] = "nf_res_block"):
     super().__init__(name=name)
     width = out_channels // 4
+    self.first_dilation = first_dilation
     self.activation = activation
     self.drop_rate = drop_rate
     self.scale_by_keep = scale_by_keep
@@ -95,7 +103,7 @@ class SkipInitBlock(hk.Module):
     self.conv1 = hk.Conv2D(width, 3, stride=stride, name="conv1")
     self.conv2 = hk.Conv2D(out_channels, 1, name="conv2")
     self.conv_shortcut = None
-    if stride > 1 or in_channels != out_channels:
+    if stride > 1 or dilation != first_dilation or in_channels != out_channels:
       self.conv_shortcut = hk.Conv2D(out_channels, 1, stride=stride,
                                      name="conv_shortcut")
 
@@ -104,7 +112,8 @@ class SkipInitBlock(hk.Module):
     out = self.activation(x)
     shortcut = x if self.conv_shortcut is None else self.conv_shortcut(out)
     out = self.conv0(out)
-    out = self.conv1(self.activation(out))
+    out = common.dilated(self.conv1, self.activation(out),
+                         self.first_dilation)
     out = self.conv2(self.activation(out))
     # alpha = 1: SkipInit has no residual scale besides its gain.
     return common.residual_end(
@@ -139,9 +148,11 @@ class FixupBlock(hk.Module):
   def __init__(self, in_channels: int, out_channels: int, *, stride: int,
                num_blocks: int, activation: Callable[[jax.Array], jax.Array],
                drop_rate: float, scale_by_keep: bool = False,
+               first_dilation: int = 1, dilation: int = 1,
                name: Optional[str] = "res_block"):
     super().__init__(name=name)
     width = out_channels // 4
+    self.first_dilation = first_dilation
     rescale = fixup_rescale(num_blocks)
     self.activation = activation
     self.drop_rate = drop_rate
@@ -153,7 +164,7 @@ class FixupBlock(hk.Module):
     self.conv2 = hk.Conv2D(out_channels, 1, with_bias=False, w_init=jnp.zeros,
                            name="conv2")
     self.conv_shortcut = None
-    if stride > 1 or in_channels != out_channels:
+    if stride > 1 or dilation != first_dilation or in_channels != out_channels:
       self.conv_shortcut = _normal_conv(out_channels, 1,
                                         (2 / out_channels) ** 0.5, stride,
                                         name="conv_shortcut")
@@ -166,7 +177,9 @@ class FixupBlock(hk.Module):
     x = x + bias["bias1a"]
     shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
     out = self.activation(self.conv0(x) + bias["bias1b"])
-    out = self.activation(self.conv1(out + bias["bias2a"]) + bias["bias2b"])
+    out = self.activation(common.dilated(
+        self.conv1, out + bias["bias2a"], self.first_dilation) +
+                          bias["bias2b"])
     out = self.conv2(out + bias["bias3a"]) * scale + bias["bias3b"]
     _, res_var = layers.signal_metrics(out)
     out = layers.stochastic_depth(out, self.drop_rate, is_training,
@@ -181,36 +194,45 @@ def _skipinit_block(in_channels: int, out_channels: int, *, num_blocks: int,
 
 
 class _BaselineResNet(hk.Module):
-  """What both share: stem conv, the block list, the classifier."""
+  """What both share: stem conv, the block list, the classifier, the
+  backbone options (as for NFNet: `num_classes=0`, `output_stride`)."""
 
   def __init__(self, make_block: Callable[..., hk.Module], num_classes: int,
                depth: int, width_multiplier: float, activation: str,
                drop_path_rate: float, drop_path_scale_by_keep: bool,
                dropout_rate: float, fc_init_std: float, remat: bool,
-               name: str):
+               output_stride: int, name: str):
     super().__init__(name=name)
     self.remat = remat
     self.dropout_rate = dropout_rate
     self.activation = _activation(activation)
-    layout = list(_block_layout(depth, width_multiplier))
+    self.output_stride = output_stride
+    stages = common.stage_layout(nf_resnet.STRIDES, nf_resnet.STEM_STRIDE,
+                                 output_stride)
+    layout = list(_block_layout(depth, width_multiplier, stages))
     self.stem = hk.Conv2D(layout[0][1], 7, stride=2, with_bias=False,
                           name="initial_conv")
     self.blocks, self.block_stages = [], []
-    for stage, in_ch, out_ch, stride, index, total in layout:
+    for stage, in_ch, out_ch, strides, index, total in layout:
       self.blocks.append(make_block(
-          in_ch, out_ch, stride=stride, num_blocks=total,
+          in_ch, out_ch, **strides, num_blocks=total,
           activation=self.activation,
           drop_rate=drop_path_rate * index / total,
           scale_by_keep=drop_path_scale_by_keep))
       self.block_stages.append(stage)
     # Zero weights by default (the released `fc_init=jnp.zeros`).
     self.classifier = common.classifier(num_classes, fc_init_std)
+    self.feature_info = common.feature_info(
+        layout[0][1], nf_resnet.STEM_STRIDE, _widths(width_multiplier),
+        stages)
 
   @hk.transparent
-  def _pool_and_blocks(self, out: jax.Array, is_training: bool):
-    out = hk.max_pool(out, (1, 3, 3, 1), (1, 2, 2, 1), "SAME")
+  def _pool_and_blocks(self, out: jax.Array, is_training: bool,
+                       collected: dict[str, jax.Array]):
+    out = collected["stem"] = hk.max_pool(out, (1, 3, 3, 1), (1, 2, 2, 1),
+                                          "SAME")
     return common.apply_blocks(self.blocks, self.block_stages, out,
-                               is_training, self.remat)
+                               is_training, self.remat, collected)
 
 
 class SkipInitResNet(_BaselineResNet):
@@ -225,21 +247,24 @@ class SkipInitResNet(_BaselineResNet):
                drop_path_rate: float = 0.1,
                drop_path_scale_by_keep: bool = False,
                dropout_rate: float = 0.25, fc_init_std: float = 0.0,
-               remat: bool = False, name: str = "SkipInit_ResNet"):
+               remat: bool = False,
+               output_stride: int = nf_resnet.TOTAL_STRIDE,
+               name: str = "SkipInit_ResNet"):
     super().__init__(_skipinit_block, num_classes, depth, width_multiplier,
                      activation, drop_path_rate, drop_path_scale_by_keep,
-                     dropout_rate, fc_init_std, remat, name)
+                     dropout_rate, fc_init_std, remat, output_stride, name)
 
   def __call__(self, images: jax.Array, is_training: bool,
-               return_metrics: bool = False):
+               return_metrics: bool = False, return_features: bool = False):
     """Applies the network; see `NFNet.__call__` for the arguments."""
-    common.check_image(images, nf_resnet.TOTAL_STRIDE)
-    out, metrics = self._pool_and_blocks(self.stem(images), is_training)
-    logits = common.classify(self.activation(out), self.classifier,
-                             self.dropout_rate, is_training)
-    if not return_metrics:
-      return logits
-    return logits, metrics
+    common.check_image(images, self.output_stride)
+    collected = {}
+    out, metrics = self._pool_and_blocks(self.stem(images), is_training,
+                                         collected)
+    output = common.classify(self.activation(out), self.classifier,
+                             self.dropout_rate, is_training, collected)
+    return common.outputs(output, metrics, collected, return_metrics,
+                          return_features)
 
 
 class FixupResNet(_BaselineResNet):
@@ -247,29 +272,38 @@ class FixupResNet(_BaselineResNet):
 
   Stem `relu(conv(x) + bias1)` (conv without bias), then max pool; head
   `linear(dropout(mean(h)) + bias2)`, its weights zero. `remat` as for NFNet.
+  The scalar `bias1` is in the `stem` parameter group, `bias2` in `head`
+  (absent when headless).
   """
+
+  root_parameter_groups = {"bias1": common.STEM, "bias2": common.HEAD}
 
   def __init__(self, num_classes: int = 1000, depth: int = 50, *,
                width_multiplier: float = 1.0, activation: str = "relu",
                drop_path_rate: float = 0.1,
                drop_path_scale_by_keep: bool = False,
                dropout_rate: float = 0.25, fc_init_std: float = 0.0,
-               remat: bool = False, name: str = "FixUp_ResNet"):
+               remat: bool = False,
+               output_stride: int = nf_resnet.TOTAL_STRIDE,
+               name: str = "FixUp_ResNet"):
     super().__init__(FixupBlock, num_classes, depth, width_multiplier,
                      activation, drop_path_rate, drop_path_scale_by_keep,
-                     dropout_rate, fc_init_std, remat, name)
+                     dropout_rate, fc_init_std, remat, output_stride, name)
 
   def __call__(self, images: jax.Array, is_training: bool,
-               return_metrics: bool = False):
+               return_metrics: bool = False, return_features: bool = False):
     """Applies the network; see `NFNet.__call__` for the arguments."""
-    common.check_image(images, nf_resnet.TOTAL_STRIDE)
+    common.check_image(images, self.output_stride)
     out = self.stem(images)
     out = self.activation(out + _scalar("bias1", out.dtype))
-    out, metrics = self._pool_and_blocks(out, is_training)
+    collected = {}
+    out, metrics = self._pool_and_blocks(out, is_training, collected)
     # The blocks end in the activation: the head pools `out` as it is.
-    bias2 = _scalar("bias2", out.dtype)
-    logits = common.classify(out, lambda p: self.classifier(p + bias2),
-                             self.dropout_rate, is_training)
-    if not return_metrics:
-      return logits
-    return logits, metrics
+    head = None
+    if self.classifier is not None:
+      bias2 = _scalar("bias2", out.dtype)
+      head = lambda pooled: self.classifier(pooled + bias2)
+    output = common.classify(out, head, self.dropout_rate, is_training,
+                             collected)
+    return common.outputs(output, metrics, collected, return_metrics,
+                          return_features)

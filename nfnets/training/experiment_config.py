@@ -148,7 +148,10 @@ def base_config() -> ml_collections.ConfigDict:
       scale_lr_by_batch=True, min_lr=0.0,
       # Sharpness-aware minimization: radius (0 = off) and whether the ascent
       # step uses the all-device gradient (False: per device, as for F6).
-      sam_rho=0.0, sam_sync=True))
+      sam_rho=0.0, sam_sync=True,
+      # Fine-tuning (`optim.freeze_labels`): freeze the stem and the first
+      # k stages (-1: nothing, 0: the stem), or train only the classifier.
+      freeze_stages=-1, linear_probe=False))
   c.label_smoothing = 0.1
   # The released NFNet code warms the decay up ('tf1_ema', see
   # `steps.ema_decay`): with a flat 0.99999 the EMA of a 360-epoch run at
@@ -182,9 +185,9 @@ def shrink_model(config: ml_collections.ConfigDict) -> None:
   """Shrinks `config.model` in place to a tiny model of the same family.
 
   NFNets get 1/8 of the widths, groups of 16 channels and one block per
-  stage; NF-RegNets 1/4 of the table's widths (1/3 of their own) and one
-  block per stage; NF-ResNets and ResNets (whose depth picks the stage
-  lengths) 1/4 of the widths. timm's light NFNets (`nfnet_l0`,
+  stage; NF-RegNets 1/2 of the table's widths (2/3 of their own), groups of
+  16 channels and one block per stage; NF-ResNets and ResNets (whose depth
+  picks the stage lengths) 1/4 of the widths. timm's light NFNets (`nfnet_l0`,
   `eca_nfnet_l*`) get 1/8 of the widths, groups of 8 channels (their
   bottlenecks are a quarter of a block's width) and one block per stage.
   """
@@ -197,7 +200,7 @@ def shrink_model(config: ml_collections.ConfigDict) -> None:
     config.model.kwargs.update(dict(width_multiplier=0.125, group_width=16,
                                     depths=(1, 1, 1, 1)))
   elif config.model.name.startswith("nf_regnet"):
-    config.model.kwargs.update(dict(width_multiplier=0.25,
+    config.model.kwargs.update(dict(width_multiplier=0.5, group_width=16,
                                     depths=(1, 1, 1, 1)))
   else:
     config.model.kwargs.update(dict(width_multiplier=0.25))
@@ -209,10 +212,11 @@ def make_smoke_test(config: ml_collections.ConfigDict) -> None:
   The model keeps its family and options but gets 1/8 of the widths (1/4
   for ResNets), one block per stage where the family allows it, and the
   data, batch, length and optimizer settings of `configs/digits.py`: 15
-  epochs, 1 of warmup, weight decay 5e-5 and, with AGC, base_lr 0.4 and
-  clipping 0.04; without AGC 0.4 diverges, and base_lr is 0.1 (scaled by
-  batch / 256 for every family). Every
-  family reaches the digits config's accuracy band (BENCHMARKS.md).
+  epochs, 1 of warmup, weight decay 5e-5 and, for families trained with
+  AGC, base_lr 0.4 and clipping 0.04; without AGC 0.4 diverges, and
+  base_lr is 0.1 (both scaled by batch / 256). A config may tune its own
+  smoke run further (`configs/nf_regnet.py`); BENCHMARKS.md has what each
+  reaches.
   """
   config.dataset.update(dict(name="digits", image_size=32, eval_image_size=32,
                              num_classes=10, augment_shift=0,
@@ -322,6 +326,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(config.optimizer.agc_eps > 0, "optimizer.agc_eps must be > 0")
   need(config.optimizer.weight_decay >= 0, "weight_decay must be >= 0")
   need(config.optimizer.sam_rho >= 0, "optimizer.sam_rho must be >= 0")
+  need(config.dataset.num_classes >= 1,
+       f"dataset.num_classes must be positive (the classifier's width; "
+       f"an image folder's number of class folders), got "
+       f"{config.dataset.num_classes}")
+  stages = sum(f["name"].startswith("stage") for f in models.feature_info(
+      config.model.name, **config.model.kwargs))
+  need(-1 <= config.optimizer.freeze_stages <= stages,
+       f"optimizer.freeze_stages must be in [-1, {stages}] (-1: none, 0: the "
+       f"stem, k: the stem and {config.model.name}'s first k of {stages} "
+       f"stages), got {config.optimizer.freeze_stages}")
+  need(not (config.optimizer.linear_probe and
+            config.optimizer.freeze_stages >= 0),
+       "optimizer.linear_probe freezes everything but the classifier; "
+       "leave optimizer.freeze_stages at -1 with it")
   need(0 <= config.label_smoothing < 1, "label_smoothing must be in [0, 1)")
   need(0 <= config.ema.decay < 1, "ema.decay must be in [0, 1)")
   for key in ("precision", "eval_precision"):

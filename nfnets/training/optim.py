@@ -6,8 +6,15 @@ cosine decay to 0 (the released code's step count and schedule; the
 NF-RegNet recipe keeps `lr = base_lr` and decays to `min_lr`), weight decay
 on weights only, AGC on all but the final classifier's weight. AdamW and LAMB
 are offered beside SGD.
+
+Fine-tuning can freeze the stem and the first k stages
+(`optimizer.freeze_stages=k`; -1 freezes nothing, 0 the stem only) or
+everything but the classifier (`optimizer.linear_probe=True`): the frozen
+parameters go to `optax.set_to_zero` (`optax.multi_transform`), so they get
+no update, no AGC, no weight decay and no optimizer state.
 """
 
+import functools
 from typing import Any, Mapping
 
 import jax
@@ -16,8 +23,10 @@ import ml_collections
 import optax
 
 from nfnets import agc
+from nfnets import models
 
 OPTIMIZERS = ("sgd", "adamw", "lamb")
+TRAINED, FROZEN = "trained", "frozen"
 
 
 def training_steps(config: ml_collections.ConfigDict,
@@ -96,6 +105,43 @@ def weight_decay_mask(params: Mapping[str, Mapping[str, Any]]) -> Any:
           for module, leaves in params.items()}
 
 
+def is_frozen(group: str, freeze_stages: int, linear_probe: bool) -> bool:
+  """Whether a parameter group (`models.parameter_groups`) is frozen.
+
+  `freeze_stages=k` freezes `stem` (k >= 0) and `stage0` ... `stage<k-1>`;
+  `linear_probe` everything but `head`. `final` (a final conv or BN) and
+  `head` train unless `linear_probe`.
+  """
+  if linear_probe:
+    return group != "head"
+  if group == "stem":
+    return freeze_stages >= 0
+  if group.startswith("stage"):
+    return int(group[len("stage"):]) < freeze_stages
+  return False
+
+
+def freeze_labels(config: ml_collections.ConfigDict,
+                  params: Mapping[str, Mapping[str, Any]]) -> Any:
+  """`TRAINED` or `FROZEN` for each parameter, from `config.optimizer`.
+
+  Args:
+    config: the experiment config (`model`, `dataset.num_classes`,
+      `optimizer.freeze_stages`, `optimizer.linear_probe`).
+    params: the model's params tree.
+
+  Returns:
+    A tree of labels with the structure of `params`.
+  """
+  stages = config.optimizer.get("freeze_stages", -1)
+  probe = config.optimizer.get("linear_probe", False)
+  groups = models.parameter_groups(
+      config.model.name, params, num_classes=config.dataset.num_classes,
+      **config.model.kwargs)
+  return jax.tree.map(
+      lambda g: FROZEN if is_frozen(g, stages, probe) else TRAINED, groups)
+
+
 def make_optimizer(config: ml_collections.ConfigDict,
                    schedule: optax.Schedule) -> optax.GradientTransformation:
   """Builds AGC (not on the classifier weight) + weight decay + the optimizer.
@@ -105,8 +151,9 @@ def make_optimizer(config: ml_collections.ConfigDict,
     schedule: the learning-rate schedule.
 
   Returns:
-    The optax transformation. Its first element's state is an
-    `agc.AGCState` when AGC is on (`optimizer.agc_clipping > 0`).
+    The optax transformation. Its state holds an `agc.AGCState` when AGC
+    is on (`optimizer.agc_clipping > 0`), as its first element's state
+    unless parameters are frozen (then inside an optax.MultiTransformState).
   """
   opt = config.optimizer
   parts = []
@@ -128,7 +175,11 @@ def make_optimizer(config: ml_collections.ConfigDict,
   else:
     raise ValueError(f"unknown optimizer {opt.name!r}; valid: "
                      f"{', '.join(OPTIMIZERS)}")
-  return optax.chain(*parts)
+  if opt.get("freeze_stages", -1) < 0 and not opt.get("linear_probe", False):
+    return optax.chain(*parts)
+  return optax.multi_transform(
+      {TRAINED: optax.chain(*parts), FROZEN: optax.set_to_zero()},
+      functools.partial(freeze_labels, config))
 
 
 def agc_clipped_fraction(opt_state: Any) -> jax.Array | float:
