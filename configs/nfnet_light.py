@@ -11,12 +11,14 @@ cosine decay over 360 epochs, weight decay 2e-5 on weights only, AGC 0.01
 on all but the classifier weight, label smoothing 0.1, EMA, MixUp and
 CutMix) with the dropout, stochastic depth and RandAugment of the F-variant
 of the same depths (L0 as F0, ..., L3 as F3), at timm's train and test
-resolutions (`nfnet_light.VARIANTS`). Evaluation crops as timm's
-`pretrained_cfg` does: the centre 90% resized with PIL's bicubic
-(`crop_resize_0.9`, `bicubic_antialias`). `smoke=True` swaps in a tiny
+resolutions (`nfnet_light.VARIANTS`). Evaluation is as timm's
+`pretrained_cfg` for the model's weights (`nfnets.weight_preprocessing`):
+at the test size (288 for L0), the whole centred square resized with PIL's
+bicubic (`crop_resize_1`, `bicubic_antialias`). `smoke=True` swaps in a tiny
 model on the bundled digits data, to check a set-up end to end in a minute.
 """
 
+from nfnets import weight_preprocessing
 from nfnets.models import nfnet
 from nfnets.models import nfnet_light
 from nfnets.training import experiment_config
@@ -36,13 +38,12 @@ def get_config(arg=None):
       options.model, drop_path_rate=0.25, dropout_rate=row.dropout_rate)
   c.dataset.update(dict(name="imagenet2012",
                         image_size=light.train_image_size,
-                        eval_image_size=light.test_image_size,
                         num_classes=1000,
                         randaugment_layers=row.randaugment[0],
                         randaugment_magnitude=float(row.randaugment[1]),
-                        mixup_alpha=0.2, cutmix_alpha=1.0,
-                        eval_preproc="crop_resize_0.9",
-                        eval_interpolation="bicubic_antialias"))
+                        mixup_alpha=0.2, cutmix_alpha=1.0))
+  c.dataset.update(
+      weight_preprocessing.preprocessing(options.model).dataset_overrides())
   if options.smoke:
     experiment_config.make_smoke_test(c)
   return c

@@ -30,6 +30,13 @@ TIMM_PARAMS = {
     "nf_ecaresnet50": 25_557_118,
     "nf_ecaresnet101": 44_549_331,
 }
+# timm's plain NF-ResNets (ours: `<name>_timm`), counted the same way; not
+# in the fixture's `param_counts`.
+TIMM_PLAIN_PARAMS = {
+    "nf_resnet26_timm": 15_995_176,
+    "nf_resnet50_timm": 25_557_032,
+    "nf_resnet101_timm": 44_549_160,
+}
 
 
 def _abstract_params(name, **overrides):
@@ -51,6 +58,13 @@ def test_parameter_count_is_timms(name):
   assert sum(math.prod(v.shape) for v in jax.tree.leaves(params)) == \
       TIMM_PARAMS[name]
   assert timm_helpers.fixture()["param_counts"][name] == TIMM_PARAMS[name]
+
+
+@pytest.mark.parametrize("name", list(TIMM_PLAIN_PARAMS))
+def test_plain_nf_resnet_parameter_count_is_timms(name):
+  params = _abstract_params(name)
+  assert sum(math.prod(v.shape) for v in jax.tree.leaves(params)) == \
+      TIMM_PLAIN_PARAMS[name]
 
 
 @pytest.mark.parametrize("name", ["nf_ecaresnet26", "nf_seresnet26"])

@@ -177,6 +177,9 @@ def test_config_models_and_smoke():
   assert config.model.name == "eca_nfnet_l2"
   assert (config.dataset.image_size, config.dataset.eval_image_size) == (
       320, 384)
+  # Evaluated as timm's pretrained_cfg: the whole centred square, PIL bicubic.
+  assert (config.dataset.eval_preproc, config.dataset.eval_interpolation) == (
+      "crop_resize_1", "bicubic_antialias")
   assert config.optimizer.agc_clipping == 0.01
   smoke = light_config.get_config("model=nfnet_l0,smoke=True")
   assert smoke.dataset.name == "digits"
