@@ -1,19 +1,32 @@
-"""NF-ResNets (ICLR 2021) on ImageNet: `depth=26|50|101|152|200|288`.
+"""NF-ResNets (ICLR 2021) on ImageNet: `depth=26|50|101|152|200|288|600`.
 
   python experiments/train.py --config=configs/nf_resnet.py:depth=50 \
       --workdir=/ckpt/nf_resnet50
+  python experiments/train.py --config=configs/nf_resnet.py:kind=se,depth=50 \
+      --workdir=/ckpt/nf_seresnet50
 
-Trained with the NFNet recipe's optimizer (SGD + Nesterov, warmup + cosine,
-weight decay on weights only, AGC off by default as in the ICLR paper,
-label smoothing, EMA) at 224 px. `smoke=True` swaps in a tiny model on the
-bundled digits data.
+`kind` picks the network: `deepmind` (default) the released code's
+NF-ResNet (`nf_resnet{depth}`); timm's NF-ResNets, depths 26, 50 and 101:
+`timm` (`nf_resnet{depth}_timm`), `se` (`nf_seresnet{depth}`) and `eca`
+(`nf_ecaresnet{depth}`), at the resolutions and evaluation crop of their
+timm `pretrained_cfg` (`nfnets.weight_preprocessing`). All train with the
+NFNet recipe's optimizer (SGD + Nesterov, warmup + cosine, weight decay on
+weights only, AGC off by default as in the ICLR paper, label smoothing,
+EMA), DeepMind's at 224 px with its stochastic depth 0.1 and dropout 0.25.
+`smoke=True` swaps in a tiny model on the bundled digits data.
 """
 
+from nfnets import weight_preprocessing
+from nfnets.models import nf_resnet_timm
 from nfnets.training import experiment_config
+
+KINDS = {"deepmind": "nf_resnet{}", "timm": "nf_resnet{}_timm",
+         "se": "nf_seresnet{}", "eca": "nf_ecaresnet{}"}
 
 
 def _options(arg):
-  return experiment_config.parse_arg(arg, depth=50, agc=False, smoke=False,
+  return experiment_config.parse_arg(arg, kind="deepmind", depth=50,
+                                     agc=False, smoke=False,
                                      sweep="agc_batch")
 
 
@@ -33,13 +46,27 @@ def get_sweep(arg=None):
 
 
 def get_config(arg=None):
-  """Returns the config; `arg` takes `depth=N`, `agc=bool`, `smoke=bool`."""
+  """Returns the config; `arg` takes `kind`, `depth=N`, `agc`, `smoke`."""
   options = _options(arg)
+  if options.kind not in KINDS:
+    raise ValueError(f"unknown config arg kind={options.kind}; valid: "
+                     f"{', '.join(KINDS)}")
+  if options.kind != "deepmind" and options.depth not in nf_resnet_timm.DEPTHS:
+    raise ValueError(f"kind={options.kind} has depths "
+                     f"{', '.join(map(str, nf_resnet_timm.DEPTHS))}; got "
+                     f"depth={options.depth}")
   c = experiment_config.base_config()
-  c.model = experiment_config.model_config(
-      f"nf_resnet{options.depth}", drop_path_rate=0.1, dropout_rate=0.25)
+  name = KINDS[options.kind].format(options.depth)
   c.dataset.update(dict(name="imagenet2012", image_size=224,
                         eval_image_size=224, num_classes=1000))
+  if options.kind == "deepmind":
+    c.model = experiment_config.model_config(name, drop_path_rate=0.1,
+                                             dropout_rate=0.25)
+  else:
+    c.model = experiment_config.model_config(name)
+    preprocessing = weight_preprocessing.preprocessing(name)
+    c.dataset.image_size = preprocessing.image_size
+    c.dataset.update(preprocessing.dataset_overrides())
   c.batch_size = 1024
   c.num_epochs = 90.0
   c.optimizer.update(dict(weight_decay=5e-5,

@@ -13,10 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import nf_resnet as nf_resnet_config
 from nfnets import layers
 from nfnets import models
 from nfnets.models import nf_resnet_timm
 from nfnets.models import nfnet_light
+from nfnets.training import experiment_config
 import model_helpers
 import timm_helpers
 
@@ -110,3 +112,24 @@ def test_registry_options_and_errors():
   with pytest.raises(ValueError, match="unknown attention 'ge'"):
     hk.transform(lambda: nf_resnet_timm.NFResNetTimm(attention="ge")).init(
         None)
+
+
+def test_config_kinds_train_at_timms_sizes():
+  se = nf_resnet_config.get_config("kind=se,depth=101")
+  assert se.model.name == "nf_seresnet101"
+  assert (se.dataset.image_size, se.dataset.eval_image_size,
+          se.dataset.eval_preproc, se.dataset.eval_interpolation) == (
+              224, 224, "crop_resize_0.9", "bicubic_antialias")
+  plain = nf_resnet_config.get_config("kind=timm,depth=50")
+  assert plain.model.name == "nf_resnet50_timm"
+  assert (plain.dataset.image_size, plain.dataset.eval_image_size,
+          plain.dataset.eval_preproc) == (256, 288, "crop_resize_0.94")
+  smoke = nf_resnet_config.get_config("kind=eca,depth=26,smoke=True")
+  experiment_config.validate(smoke)
+  assert smoke.model.name == "nf_ecaresnet26"
+  assert smoke.dataset.name == "digits"
+  with pytest.raises(ValueError, match="kind=se has depths 26, 50, 101; "
+                     "got depth=152"):
+    nf_resnet_config.get_config("kind=se,depth=152")
+  with pytest.raises(ValueError, match="unknown config arg kind=bn"):
+    nf_resnet_config.get_config("kind=bn")
