@@ -104,6 +104,7 @@ def _augmented_config(folder, num_steps):
       name="image_folder", data_dir=folder, num_classes=3, image_size=32,
       eval_image_size=32, val_fraction=0.1, randaugment_layers=2,
       randaugment_magnitude=15.0, mixup_alpha=0.2, cutmix_alpha=1.0))
+  config.fast_paths = False  # compiles faster; the same step (test_train.py)
   config.batch_size = 8  # 16 crops a step: an epoch a step (18 images)
   config.num_steps = num_steps
   config.checkpoint.update(dict(async_save=False, every_steps=2))

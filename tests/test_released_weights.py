@@ -295,44 +295,8 @@ def test_predict_script_on_generated_images(released_file, tmp_path):
         bad, "error: top_k and image_size must be positive")
 
 
-def test_fine_tune_from_released_f0_on_a_10_class_image_folder(
-    small_f0_params, small_released_file, tmp_path):
-  pytest.importorskip("tensorflow")
-  import configs.digits as digits_config  # pylint: disable=g-import-not-at-top
-  from nfnets.training import loop  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(0)
-  for k in range(10):
-    os.makedirs(tmp_path / "folder" / f"class_{k}")
-    for i in range(2):
-      pixels = rng.integers(0, 256, (40 + 4 * i, 48, 3), np.uint8)
-      Image.fromarray(pixels).save(tmp_path / "folder" / f"class_{k}" /
-                                   f"{i}.jpg")
-  config = digits_config.get_config()
-  config.dataset.update(dict(name="image_folder",
-                             data_dir=str(tmp_path / "folder"),
-                             val_fraction=0.5, num_classes=10))
-  # F0's blocks (not the digits config's one per stage), at 1/8 width.
-  config.model.kwargs = dict(SMALL_F0, drop_path_rate=0.0, dropout_rate=0.0)
-  config.init_from = small_released_file
-  config.batch_size = 8
-  config.eval_batch_size = 8
-  config.num_steps = 2
-  config.log_every_steps = 1
-  config.checkpoint.async_save = False
-  # A zero learning rate and no decay keep the weights as loaded, so that the
-  # checkpoint can be compared with the file; the steps still run.
-  config.optimizer.update(dict(base_lr=0.0, weight_decay=0.0))
-  # The plain twins of the fast paths compile in half the time on CPUs;
-  # tests/test_ops.py and test_train.py show both sides give the same step.
-  config.fast_paths = False
-  results = loop.train_and_evaluate(config, str(tmp_path / "run"),
-                                    "train")
-  assert np.isfinite(results["loss"]) and results["eval_examples"] == 10
-  saved = checkpoint.read_params(str(tmp_path / "run"))["params"]
-  head = saved.pop("NFNet/~/linear")
-  assert head["w"].shape == (384, 10) and head["b"].shape == (10,)
-  body = {m: v for m, v in small_f0_params.items() if m != "NFNet/~/linear"}
-  _assert_trees_equal(saved, body)
+# Fine-tuning from a released file with a new head:
+# tests/test_backbones.py's test_finetune_config_runs_end_to_end.
 
 
 def test_evaluate_released_f0_on_a_local_imagenet(small_f0_params,
