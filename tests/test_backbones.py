@@ -114,6 +114,29 @@ def test_headless_model_has_no_classifier_params(name):
   assert "head" not in jax.tree.leaves(groups)
 
 
+@pytest.mark.parametrize("name", list(TINY) + [
+    "nfnet_l0", "nf_ecaresnet26", "nf_resnet26_timm"])
+def test_every_family_differentiates_under_jit(name):
+  # Traced, not compiled: a stage that JAX cannot linearize under jit fails
+  # here (a max pool whose init value was a traced array did), as the
+  # training step would.
+  overrides = TINY.get(name) or TINY[
+      "eca_nfnet_l0" if name == "nfnet_l0" else "nf_seresnet26"]
+  model = models.build_model(name, num_classes=10, **overrides)
+  images = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+  params, state = jax.eval_shape(
+      lambda x: model.init(jax.random.PRNGKey(0), x, is_training=True),
+      images)
+
+  def loss(params, state, x):
+    logits, _ = model.apply(params, state, jax.random.PRNGKey(1), x,
+                            is_training=True)
+    return jnp.mean(logits)
+
+  grads = jax.eval_shape(jax.jit(jax.grad(loss)), params, state, images)
+  assert jax.tree.structure(grads) == jax.tree.structure(params)
+
+
 @pytest.mark.parametrize("name", list(TINY))
 def test_every_parameter_has_a_group(name):
   params, _, _ = _abstract(name, num_classes=5, image_size=64, **TINY[name])

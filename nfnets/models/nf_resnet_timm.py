@@ -24,7 +24,7 @@ from typing import Optional, Union
 
 import haiku as hk
 import jax
-import jax.numpy as jnp
+import numpy as np
 
 from nfnets import layers
 from nfnets.models import common
@@ -50,9 +50,11 @@ class PoolStem(hk.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = self.conv(x)
-    # PyTorch's MaxPool2d(3, 2, padding=1): symmetric, not SAME.
+    # PyTorch's MaxPool2d(3, 2, padding=1): symmetric, not SAME. The init
+    # value is a concrete numpy scalar: a traced one (jnp.array under jit)
+    # hides that this is a max pool, which JAX can then not differentiate.
     return jax.lax.reduce_window(
-        x, jnp.array(-jnp.inf, x.dtype), jax.lax.max, (1, 3, 3, 1),
+        x, np.array(-np.inf, x.dtype), jax.lax.max, (1, 3, 3, 1),
         (1, 2, 2, 1), ((0, 0), (1, 1), (1, 1), (0, 0)))
 
 
