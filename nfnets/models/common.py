@@ -47,6 +47,29 @@ def check_image(images: jax.Array, total_stride: int) -> None:
         f"{total_stride}x{total_stride}")
 
 
+def pooled_shortcut_start(x: jax.Array, *, activation, beta: float,
+                          stride: int, conv_shortcut
+                          ) -> tuple[jax.Array, jax.Array]:
+  """How the NFNet and NF-RegNet blocks start (the released `NFBlock`).
+
+  The branch input is `activation(x) * beta`. The shortcut is `x`, or, when
+  the block changes resolution or width, a 2x2 average pool (at stride 2)
+  of the branch input and then `conv_shortcut`.
+
+  Returns:
+    (branch input, shortcut).
+  """
+  out = activation(x) * beta
+  shortcut = x
+  if stride > 1:
+    shortcut = hk.avg_pool(out, (1, 2, 2, 1), (1, 2, 2, 1), "SAME")
+  elif conv_shortcut is not None:
+    shortcut = out
+  if conv_shortcut is not None:
+    shortcut = conv_shortcut(shortcut)
+  return out, shortcut
+
+
 def residual_end(branch: jax.Array, shortcut: jax.Array, *, se, alpha: float,
                  drop_rate: float, scale_by_keep: bool,
                  is_training: bool) -> tuple[jax.Array, jax.Array]:

@@ -153,14 +153,9 @@ class NFBlock(hk.Module):
   def __call__(self, x: jax.Array,
                is_training: bool) -> tuple[jax.Array, jax.Array]:
     """Returns the block output and the residual branch's average variance."""
-    out = self.activation(x) * self.beta
-    shortcut = x
-    if self.stride > 1:
-      shortcut = hk.avg_pool(out, (1, 2, 2, 1), (1, 2, 2, 1), "SAME")
-    elif self.conv_shortcut is not None:
-      shortcut = out
-    if self.conv_shortcut is not None:
-      shortcut = self.conv_shortcut(shortcut)
+    out, shortcut = common.pooled_shortcut_start(
+        x, activation=self.activation, beta=self.beta, stride=self.stride,
+        conv_shortcut=self.conv_shortcut)
     out = self.conv0(out)
     out = common.dilated(self.conv1, self.activation(out),
                          self.first_dilation)
