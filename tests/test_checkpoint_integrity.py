@@ -190,3 +190,27 @@ def test_a_failing_save_is_one_error_and_keeps_the_earlier_ones(tmp_path,
   # A restarted run saves step 2 over the failed attempt.
   _save(tmp_path, [2])
   assert int(_restore(tmp_path)[0].step) == 2
+
+
+def test_a_save_error_keeps_the_os_reason_and_drops_tensorstore_s_spec():
+  # The shape of the error TensorStore raised in one failing save: the
+  # cause mid-text, then kilobytes of spec; the reason must survive.
+  spec = "{" + ", ".join(f'"key{i}": {{"a": [{i}]}}' for i in range(200)) + "}"
+  error = ValueError(
+      'OUT_OF_RANGE: Error opening "zarr" driver: Error writing "step/.zarray"'
+      ' in OCDBT database at local file "/tmp/run/2.orbax-checkpoint-tmp/": '
+      'Failed writing: "/tmp/run/d/ce38": Failed to write 6403 bytes to file'
+      f" 20: File too large [tensorstore_spec='{spec}'] [os_error_code='27']")
+  message = checkpoint._save_error_message(2, "/tmp/run", error, [1])
+  assert "\n" not in message and "tensorstore_spec" not in message
+  assert "Failed to write 6403 bytes to file 20: File too large" in message
+  assert len(message) < 700
+  # An OSError in the chain gives its reason even when the text is cut.
+  try:
+    try:
+      raise OSError(28, "No space left on device")
+    except OSError as cause:
+      raise RuntimeError("x" * 1000) from cause
+  except RuntimeError as chained:
+    assert "No space left on device" in checkpoint._save_error_message(
+        2, "/tmp/run", chained, [1])

@@ -9,6 +9,7 @@ the mesh's sharding.
 """
 
 import os
+import re
 from typing import Any, Optional
 
 from absl import logging
@@ -28,6 +29,40 @@ _TEMPORARY_SUFFIX = ".orbax-checkpoint-tmp"
 
 class CheckpointSaveError(RuntimeError):
   """A checkpoint could not be written (no space, no permission, ...)."""
+
+
+def _save_error_message(step: int, directory: str, error: BaseException,
+                        kept: list[int]) -> str:
+  """One line: which save failed, why, and that the others are intact."""
+  # TensorStore appends the whole spec of what it was writing (kilobytes
+  # of JSON) after the cause: cut it, keep the operating system's reason.
+  reason = " ".join(str(error).split())
+  reason = re.sub(r"\s*\[tensorstore_spec=.*", "", reason)
+  if len(reason) > 300:
+    reason = f"{reason[:140]} ... {reason[-150:]}"
+  os_reason = _os_reason(error)
+  if os_reason and os_reason not in reason:
+    reason = f"{reason}; {os_reason}"
+  return (f"saving the checkpoint of step {step} in {directory} failed "
+          f"({type(error).__name__}: {reason}); the run stopped. The earlier "
+          f"checkpoints (steps {', '.join(map(str, kept)) or 'none'}) are "
+          "intact: free space or fix the folder's permissions, then restart "
+          "to resume from the newest")
+
+
+def _os_reason(error: BaseException) -> str | None:
+  """The operating system's reason for `error` ("File too large"), if any.
+
+  From an `OSError` in its chain of causes, else from the `os_error_code`
+  that TensorStore's errors carry in their text.
+  """
+  seen = error
+  while seen is not None:
+    if isinstance(seen, OSError) and seen.strerror:
+      return seen.strerror
+    seen = seen.__cause__ or seen.__context__
+  match = re.search(r"os_error_code='?(\d+)", str(error))
+  return os.strerror(int(match.group(1))) if match else None
 
 
 class Checkpointer:
@@ -75,17 +110,9 @@ class Checkpointer:
 
   def _save_error(self, step: int, error: Exception) -> CheckpointSaveError:
     self._failed = True
-    kept = ", ".join(str(s) for s in sorted(self.manager.all_steps())
-                     if s != step) or "none"
-    reason = " ".join(str(error).split())
-    if len(reason) > 300:
-      # (The cause, e.g. "No space left on device", ends the message.)
-      reason = f"{reason[:140]} ... {reason[-150:]}"
+    kept = [s for s in sorted(self.manager.all_steps()) if s != step]
     return CheckpointSaveError(
-        f"saving the checkpoint of step {step} in {self.directory} failed "
-        f"({type(error).__name__}: {reason}); the run stopped. The earlier "
-        f"checkpoints (steps {kept}) are intact: free space or fix "
-        "the folder's permissions, then restart to resume from the newest")
+        _save_error_message(step, self.directory, error, kept))
 
   def save(self, step: int, state: Any, data_state: dict) -> None:
     """Starts saving the state at `step` (waits for it if not async).
