@@ -143,6 +143,27 @@ def classify(features: jax.Array, classifier: Optional[Callable],
   return classifier(pooled)
 
 
+def blocks_and_head(net, stem: jax.Array, is_training: bool,
+                    return_metrics: bool, return_features: bool):
+  """The rest of an NF network's forward pass, from its stem's output.
+
+  `net.blocks` (with `block_stages`, `remat`), then `net.final_conv` where
+  the network has one (activated, collected as `final_conv`), else just the
+  activation, then the pooled head (`classify`) and the outputs asked for
+  (`outputs`); `net` also has `activation`, `classifier`, `dropout_rate`.
+  """
+  collected = {"stem": stem}
+  out, metrics = apply_blocks(net.blocks, net.block_stages, stem,
+                              is_training, net.remat, collected)
+  if getattr(net, "final_conv", None) is not None:
+    out = collected["final_conv"] = net.activation(net.final_conv(out))
+  else:
+    out = net.activation(out)
+  output = classify(out, net.classifier, net.dropout_rate, is_training,
+                    collected)
+  return outputs(output, metrics, collected, return_metrics, return_features)
+
+
 def apply_blocks(blocks, stages, x: jax.Array, is_training: bool,
                  remat: bool = False,
                  collected: Optional[dict[str, jax.Array]] = None):

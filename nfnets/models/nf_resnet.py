@@ -148,10 +148,5 @@ class NFResNet(hk.Module):
     """Applies the network; see `NFNet.__call__` for the arguments."""
     common.check_image(images, self.output_stride)
     out = hk.max_pool(self.stem(images), (1, 3, 3, 1), (1, 2, 2, 1), "SAME")
-    collected = {"stem": out}
-    out, metrics = common.apply_blocks(self.blocks, self.block_stages, out,
-                                       is_training, self.remat, collected)
-    output = common.classify(self.activation(out), self.classifier,
-                             self.dropout_rate, is_training, collected)
-    return common.outputs(output, metrics, collected, return_metrics,
-                          return_features)
+    return common.blocks_and_head(self, out, is_training, return_metrics,
+                                  return_features)

@@ -115,11 +115,5 @@ class NFResNetTimm(hk.Module):
                return_metrics: bool = False, return_features: bool = False):
     """Applies the network; see `NFNet.__call__` for the arguments."""
     common.check_image(images, self.output_stride)
-    collected = {"stem": self.stem(images)}
-    out, metrics = common.apply_blocks(
-        self.blocks, self.block_stages, collected["stem"], is_training,
-        self.remat, collected)
-    output = common.classify(self.activation(out), self.classifier,
-                             self.dropout_rate, is_training, collected)
-    return common.outputs(output, metrics, collected, return_metrics,
-                          return_features)
+    return common.blocks_and_head(self, self.stem(images), is_training,
+                                  return_metrics, return_features)

@@ -287,16 +287,10 @@ class NFNet(hk.Module):
       features {name: array} (`common.outputs`).
     """
     common.check_image(images, self.output_stride)
-    out, collected = images, {}
+    out = images
     for i, conv in enumerate(self.stem):
       out = conv(out)
       if i < len(self.stem) - 1:
         out = self.activation(out)
-    collected["stem"] = out
-    out, metrics = common.apply_blocks(self.blocks, self.block_stages, out,
-                                       is_training, self.remat, collected)
-    out = collected["final_conv"] = self.activation(self.final_conv(out))
-    output = common.classify(out, self.classifier, self.dropout_rate,
-                             is_training, collected)
-    return common.outputs(output, metrics, collected, return_metrics,
-                          return_features)
+    return common.blocks_and_head(self, out, is_training, return_metrics,
+                                  return_features)
