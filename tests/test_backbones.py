@@ -298,6 +298,34 @@ def test_linear_probe_updates_only_the_head():
   assert moved == {"NFNet/~/linear"}
 
 
+@pytest.mark.parametrize("freeze", [dict(freeze_stages=1),
+                                    dict(linear_probe=True)])
+def test_the_step_computes_no_gradient_for_frozen_stages(freeze):
+  # Traced, not compiled: the train step's convolutions. Frozen parameters
+  # are stop_gradient'ed in the loss, so the backward pass has no weight
+  # gradient for a frozen conv and stops before the first trained one.
+  from jax.sharding import Mesh  # pylint: disable=g-import-not-at-top
+  import jaxpr_helpers  # pylint: disable=g-import-not-at-top
+  from nfnets.training import parallel  # pylint: disable=g-import-not-at-top
+  import train_helpers  # pylint: disable=g-import-not-at-top
+  mesh = Mesh(np.asarray(jax.devices()[:1]), (parallel.AXIS,))
+  counts = {}
+  for name, options in (("none", {}), ("frozen", freeze)):
+    config = train_helpers.tiny_config(**{
+        f"optimizer.{k}": v for k, v in options.items()})
+    state, step = train_helpers.setup(config, mesh)
+    counts[name] = len(jaxpr_helpers.find_eqns(
+        step, "conv_general_dilated", state,
+        parallel.shard_batch(train_helpers.batch(8), mesh)))
+    convs = sum(1 for m in state.params if "conv" in m or "stem" in m)
+    if name == "none":
+      forward = convs
+  if freeze.get("linear_probe"):
+    assert counts["frozen"] == forward  # no backward conv at all
+  else:
+    assert forward < counts["frozen"] < counts["none"]
+
+
 @pytest.mark.parametrize("change,match", [
     (dict(freeze_stages=5), r"freeze_stages must be in \[-1, 4\]"),
     (dict(freeze_stages=-2), r"freeze_stages must be in \[-1, 4\]"),

@@ -11,7 +11,9 @@ Fine-tuning can freeze the stem and the first k stages
 (`optimizer.freeze_stages=k`; -1 freezes nothing, 0 the stem only) or
 everything but the classifier (`optimizer.linear_probe=True`): the frozen
 parameters go to `optax.set_to_zero` (`optax.multi_transform`), so they get
-no update, no AGC, no weight decay and no optimizer state.
+no update, no AGC, no weight decay and no optimizer state, and the train
+step stops their gradients (`stop_frozen_gradients`), so that none is
+computed.
 """
 
 import functools
@@ -142,6 +144,31 @@ def freeze_labels(config: ml_collections.ConfigDict,
       lambda g: FROZEN if is_frozen(g, stages, probe) else TRAINED, groups)
 
 
+def stop_frozen_gradients(config: ml_collections.ConfigDict) -> Any:
+  """`params -> params` with `lax.stop_gradient` on the frozen ones.
+
+  Applied to the parameters inside the loss, it keeps the backward pass out
+  of the frozen stages: their gradients are zeros that XLA does not compute
+  (nor average across devices), and nothing upstream of the first trained
+  parameter is differentiated. The identity when nothing is frozen.
+  """
+  if not is_fine_tuning(config):
+    return lambda params: params
+
+  def stop(params):
+    return jax.tree.map(
+        lambda p, label: jax.lax.stop_gradient(p) if label == FROZEN else p,
+        params, freeze_labels(config, params))
+
+  return stop
+
+
+def is_fine_tuning(config: ml_collections.ConfigDict) -> bool:
+  """Whether `config.optimizer` freezes any parameters."""
+  opt = config.optimizer
+  return opt.get("freeze_stages", -1) >= 0 or opt.get("linear_probe", False)
+
+
 def make_optimizer(config: ml_collections.ConfigDict,
                    schedule: optax.Schedule) -> optax.GradientTransformation:
   """Builds AGC (not on the classifier weight) + weight decay + the optimizer.
@@ -175,7 +202,7 @@ def make_optimizer(config: ml_collections.ConfigDict,
   else:
     raise ValueError(f"unknown optimizer {opt.name!r}; valid: "
                      f"{', '.join(OPTIMIZERS)}")
-  if opt.get("freeze_stages", -1) < 0 and not opt.get("linear_probe", False):
+  if not is_fine_tuning(config):
     return optax.chain(*parts)
   return optax.multi_transform(
       {TRAINED: optax.chain(*parts), FROZEN: optax.set_to_zero()},

@@ -208,13 +208,14 @@ def make_train_step(model: hk.TransformedWithState,
   policy = precision_policy(config.precision)
   num_classes = config.dataset.num_classes
   accumulation = config.accumulation_steps
+  stop_frozen = optim.stop_frozen_gradients(config)
 
   def micro_step(params, model_state, batch, rng):
     """Loss, accuracy, gradient and new model state of one (micro-)batch."""
 
     def loss_fn(params):
       logits, new_model_state = model.apply(
-          policy.cast_to_compute(params), model_state, rng,
+          policy.cast_to_compute(stop_frozen(params)), model_state, rng,
           policy.cast_to_compute(batch["images"]), is_training=True)
       logits = policy.cast_to_output(logits)
       loss = jnp.mean(cross_entropy(logits, batch["labels"], num_classes,
