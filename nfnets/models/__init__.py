@@ -97,10 +97,6 @@ def create_model(name: str, **overrides) -> hk.Module:
     if key not in valid or key == "name":
       raise ValueError(f"unknown option {key!r} for model {name!r}; valid: "
                        f"{', '.join(k for k in valid if k != 'name')}")
-  if overrides.get("num_classes", 1) < 0:
-    raise ValueError(f"num_classes must be positive, got "
-                     f"{overrides['num_classes']} (or 0 for a headless "
-                     "model)")
   return constructor(**overrides)
 
 
