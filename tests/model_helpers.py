@@ -37,6 +37,21 @@ def fast_jit(fn):
   return jax.jit(fn, compiler_options=fast_compile_options())
 
 
+def abstract_init(name, image_size=32, **overrides):
+  """(params, state) of a model as shapes: traced, nothing allocated or
+  compiled (parameter counts and trees of full-size models)."""
+  model = models.build_model(name, **overrides)
+  return jax.eval_shape(
+      functools.partial(model.init, is_training=True),
+      jax.ShapeDtypeStruct((2,), jnp.uint32),
+      jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32))
+
+
+def abstract_params(name, **overrides):
+  """The params of `abstract_init`."""
+  return abstract_init(name, **overrides)[0]
+
+
 def init_model(name, seed=0, **overrides):
   """Real (params, state); parameters do not depend on the image size."""
   model = models.build_model(name, **overrides)

@@ -19,6 +19,7 @@ from nfnets import released_weights
 from nfnets.models import common
 from nfnets.training import experiment_config
 from nfnets.training import optim
+import model_helpers
 
 # One model per family, full size.
 FAMILIES = ["nfnet_f0", "nf_resnet50", "eca_nfnet_l0", "nf_seresnet50",
@@ -124,9 +125,8 @@ def test_every_family_differentiates_under_jit(name):
       "eca_nfnet_l0" if name == "nfnet_l0" else "nf_seresnet26"]
   model = models.build_model(name, num_classes=10, **overrides)
   images = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
-  params, state = jax.eval_shape(
-      lambda x: model.init(jax.random.PRNGKey(0), x, is_training=True),
-      images)
+  params, state = model_helpers.abstract_init(name, num_classes=10,
+                                              **overrides)
 
   def loss(params, state, x):
     logits, _ = model.apply(params, state, jax.random.PRNGKey(1), x,

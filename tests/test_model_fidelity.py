@@ -8,7 +8,6 @@ kept branches). Full-size models are only traced (`jax.eval_shape`); what
 runs is tiny.
 """
 
-import functools
 import os
 
 from absl import flags
@@ -19,6 +18,7 @@ from ml_collections import config_flags
 import numpy as np
 import pytest
 
+from model_helpers import abstract_params
 from model_helpers import fast_jit
 from model_helpers import init_model
 from model_helpers import set_skip_gains
@@ -31,15 +31,6 @@ F0_PARAMS = 71_489_284  # the released F0 (tests/test_models.py)
 TINY = dict(width_multiplier=0.125, group_width=8, depths=(1, 1, 1, 1))
 
 
-def _abstract_params(name, **overrides):
-  model = models.build_model(name, **overrides)
-  params, _ = jax.eval_shape(
-      functools.partial(model.init, is_training=True),
-      jax.ShapeDtypeStruct((2,), jnp.uint32),
-      jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
-  return params
-
-
 def _conv_params(kernel, in_ch, out_ch, groups=1):
   """A WSConv2D's w [k, k, in/groups, out], gain [out] and bias [out]."""
   return kernel * kernel * (in_ch // groups) * out_ch + 2 * out_ch
@@ -49,8 +40,8 @@ def _conv_params(kernel, in_ch, out_ch, groups=1):
 
 
 def test_use_two_convs_false_removes_each_blocks_conv1b():
-  params = _abstract_params("nfnet_f0", use_two_convs=False)
-  assert summary.count_params(_abstract_params("nfnet_f0")) == F0_PARAMS
+  params = abstract_params("nfnet_f0", use_two_convs=False)
+  assert summary.count_params(abstract_params("nfnet_f0")) == F0_PARAMS
   # F0: stage widths (256, 512, 1536, 1536), bottlenecks half of them in
   # groups of 128, (1, 2, 6, 3) blocks; conv1b is [3, 3, 128, width].
   removed = sum(depth * _conv_params(3, width, width, width // 128)
@@ -70,7 +61,7 @@ def test_use_two_convs_false_removes_each_blocks_conv1b():
     (dict(final_conv_ch=100, final_conv_mult=2.0), 100),  # the default mult
 ])
 def test_final_conv_width(options, channels):
-  params = _abstract_params("nfnet_f0", num_classes=7, **TINY, **options)
+  params = abstract_params("nfnet_f0", num_classes=7, **TINY, **options)
   assert params["NFNet/~/final_conv"]["w"].shape == (1, 1, 192, channels)
   assert params["NFNet/~/linear"]["w"].shape == (channels, 7)
 
@@ -86,13 +77,13 @@ def test_final_conv_width(options, channels):
 ])
 def test_bad_nfnet_option_combinations(options, match):
   with pytest.raises(ValueError, match=match):
-    _abstract_params("nfnet_f0", **dict(TINY, **options))
+    abstract_params("nfnet_f0", **dict(TINY, **options))
 
 
 def test_expansion_and_group_widths_per_stage():
   overrides = dict(TINY, group_width=128, expansion=(0.5, 0.5, 0.25, 0.25),
                    group_widths=(8, 16, 8, 24))
-  params = _abstract_params("nfnet_f0", **overrides)
+  params = abstract_params("nfnet_f0", **overrides)
   # Stage widths 32, 64, 192, 192: bottleneck int(width * e) rounded down
   # to whole groups, as the released `NFBlock` does.
   widths = [params[f"NFNet/~/{b}/~/conv0"]["w"].shape[-1]
@@ -102,8 +93,8 @@ def test_expansion_and_group_widths_per_stage():
            for b in ("nf_block", "nf_block_1", "nf_block_2", "nf_block_3")]
   assert group == [8, 16, 8, 24]
   # One value for every stage is the same as four equal ones.
-  scalar = _abstract_params("nfnet_f0", **dict(TINY, expansion=0.25))
-  listed = _abstract_params("nfnet_f0", **dict(TINY, expansion=(0.25,) * 4))
+  scalar = abstract_params("nfnet_f0", **dict(TINY, expansion=0.25))
+  listed = abstract_params("nfnet_f0", **dict(TINY, expansion=(0.25,) * 4))
   assert jax.tree.map(jnp.shape, scalar) == jax.tree.map(jnp.shape, listed)
 
 
@@ -130,7 +121,7 @@ def test_new_options_parse_from_a_command_line():
   assert kwargs["group_widths"] == (8, 8, 8, 8)
   assert kwargs["fc_init_std"] == 0.0
   models.check_options(config.model.name, kwargs)
-  params = _abstract_params(config.model.name, **kwargs)
+  params = abstract_params(config.model.name, **kwargs)
   assert params["NFNet/~/final_conv"]["w"].shape[-1] == 100
   assert params["NFNet/~/nf_block_3/~/conv0"]["w"].shape[-1] == 48
 
@@ -164,7 +155,7 @@ def _nf_resnet_params(depths, se_ratio=0.0, num_classes=1000):
 def test_nf_resnet_param_counts(name, depths, options, expected):
   se_ratio = 0.25 if options.get("use_se") else 0.0
   assert _nf_resnet_params(depths, se_ratio) == expected
-  assert summary.count_params(_abstract_params(name, **options)) == expected
+  assert summary.count_params(abstract_params(name, **options)) == expected
 
 
 def test_nf_resnet600_has_200_blocks():
@@ -176,7 +167,7 @@ def test_nf_resnet600_has_200_blocks():
 
 
 def test_nf_resnet_se_params_at_the_released_paths():
-  params = _abstract_params("nf_resnet26", use_se=True, se_ratio=0.5,
+  params = abstract_params("nf_resnet26", use_se=True, se_ratio=0.5,
                             width_multiplier=0.125)
   # base.SqueezeExcite in each NFResBlock: two unnamed hk.Linear layers.
   se = {m: {k: v.shape for k, v in p.items()} for m, p in params.items()
@@ -186,7 +177,7 @@ def test_nf_resnet_se_params_at_the_released_paths():
       w=(32, 16), b=(16,))
   assert se["NFResNet/~/nf_res_block_7/~/squeeze_excite/~/linear_1"] == dict(
       w=(128, 256), b=(256,))
-  plain = _abstract_params("nf_resnet26", width_multiplier=0.125)
+  plain = abstract_params("nf_resnet26", width_multiplier=0.125)
   assert set(params) - set(se) == set(plain)
 
 

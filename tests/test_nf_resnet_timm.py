@@ -9,7 +9,6 @@ import math
 
 import haiku as hk
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -41,14 +40,6 @@ TIMM_PLAIN_PARAMS = {
 }
 
 
-def _abstract_params(name, **overrides):
-  model = models.build_model(name, **overrides)
-  return jax.eval_shape(
-      lambda r, x: model.init(r, x, is_training=True),
-      jax.ShapeDtypeStruct((2,), jnp.uint32),
-      jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))[0]
-
-
 def _shapes(params):
   return {(m, n): tuple(v.shape) for m, d in params.items()
           for n, v in d.items()}
@@ -56,7 +47,7 @@ def _shapes(params):
 
 @pytest.mark.parametrize("name", list(TIMM_PARAMS))
 def test_parameter_count_is_timms(name):
-  params = _abstract_params(name)
+  params = model_helpers.abstract_params(name)
   assert sum(math.prod(v.shape) for v in jax.tree.leaves(params)) == \
       TIMM_PARAMS[name]
   assert timm_helpers.fixture()["param_counts"][name] == TIMM_PARAMS[name]
@@ -64,7 +55,7 @@ def test_parameter_count_is_timms(name):
 
 @pytest.mark.parametrize("name", list(TIMM_PLAIN_PARAMS))
 def test_plain_nf_resnet_parameter_count_is_timms(name):
-  params = _abstract_params(name)
+  params = model_helpers.abstract_params(name)
   assert sum(math.prod(v.shape) for v in jax.tree.leaves(params)) == \
       TIMM_PLAIN_PARAMS[name]
 
@@ -76,7 +67,7 @@ def test_tiny_model_reproduces_timms_logits(name):
       name, "NFResNetTimm")
   model = models.build_model(name, num_classes=7, **options)
   assert _shapes(params) == _shapes(
-      _abstract_params(name, num_classes=7, **options))
+      model_helpers.abstract_params(name, num_classes=7, **options))
   logits, _ = model_helpers.fast_jit(
       lambda p, x: model.apply(p, {}, None, x, is_training=False))(
           params, images)

@@ -33,15 +33,6 @@ TIMM_PARAMS = {
 }
 
 
-def _abstract_params(name, **overrides):
-  model = models.build_model(name, **overrides)
-  params, _ = jax.eval_shape(
-      lambda r, x: model.init(r, x, is_training=True),
-      jax.ShapeDtypeStruct((2,), jnp.uint32),
-      jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
-  return params
-
-
 def _shapes(params):
   return {(m, n): tuple(v.shape) for m, d in params.items()
           for n, v in d.items()}
@@ -49,7 +40,7 @@ def _shapes(params):
 
 @pytest.mark.parametrize("name", list(TIMM_PARAMS))
 def test_parameter_count_is_timms(name):
-  params = _abstract_params(name)
+  params = model_helpers.abstract_params(name)
   assert sum(math.prod(s) for s in _shapes(params).values()) == \
       TIMM_PARAMS[name]
   assert timm_helpers.fixture()["param_counts"][name] == TIMM_PARAMS[name]
@@ -57,7 +48,7 @@ def test_parameter_count_is_timms(name):
 
 def test_tree_is_timms_state_dict_key_for_key():
   timm_shapes = timm_helpers.fixture()["eca_nfnet_l0"]
-  ours = _shapes(_abstract_params("eca_nfnet_l0"))
+  ours = _shapes(model_helpers.abstract_params("eca_nfnet_l0"))
   mapped = {}
   for key, shape in timm_shapes.items():
     path = nfnet_light.haiku_name(key, "NFNetLight")
@@ -87,7 +78,7 @@ def test_tiny_model_reproduces_timms_logits(name):
       name, "NFNetLight")
   model = models.build_model(name, num_classes=7, **options)
   assert _shapes(params) == _shapes(
-      _abstract_params(name, num_classes=7, **options))
+      model_helpers.abstract_params(name, num_classes=7, **options))
   logits, _ = model_helpers.fast_jit(
       lambda p, x: model.apply(p, {}, None, x, is_training=False))(
           params, images)
@@ -169,7 +160,7 @@ def test_registry_and_image_sizes():
 
 def test_too_narrow_groups_are_a_clear_error():
   with pytest.raises(ValueError, match="narrower than the group width 64"):
-    _abstract_params("eca_nfnet_l0", width_multiplier=0.125)
+    model_helpers.abstract_params("eca_nfnet_l0", width_multiplier=0.125)
 
 
 def test_config_models_and_smoke():
@@ -185,7 +176,7 @@ def test_config_models_and_smoke():
   assert smoke.dataset.name == "digits"
   assert smoke.model.kwargs.group_width == 8
   experiment_config.validate(smoke)
-  params = _abstract_params(smoke.model.name, num_classes=10,
+  params = model_helpers.abstract_params(smoke.model.name, num_classes=10,
                             **smoke.model.kwargs)
   assert sum(math.prod(v.shape) for v in jax.tree.leaves(params)) < 300_000
   with pytest.raises(ValueError, match="unknown light NFNet 'nfnet_l1'"):
