@@ -52,7 +52,7 @@ def test_tiny_sweep_runs_what_is_not_finished_and_a_rerun_skips_all(
   flags = ["--config=configs/digits.py:seeds=2", f"--workdir_root={tmp_path}",
            "--run", "--", "--config.num_steps=24", "--config.batch_size=32",
            "--config.checkpoint.every_steps=4", "--config.log_every_steps=1",
-           "--config.eval_batch_size=360"]
+           "--config.eval_batch_size=360", "--config.fast_paths=False"]
   first = _sweep(*flags)
   assert first.returncode == 0, first.stderr[-3000:]
   assert sorted(os.listdir(tmp_path)) == ["seed=0", "seed=1"]
