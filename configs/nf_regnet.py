@@ -72,6 +72,7 @@ def _shrink_for_smoke(c):
   c.model.kwargs.update(dict(fc_init_std=0.01, dropout_rate=0.0,
                              drop_path_rate=0.0))
   c.num_epochs = 20.0
+  c.batch_size = 64  # the digits config's (make_smoke_test's without AGC: 32)
   c.optimizer.update(dict(base_lr=0.4, scale_lr_by_batch=False,
                           agc_clipping=0.04, warmup_epochs=1.0))
   c.checkpoint.every_steps = 100

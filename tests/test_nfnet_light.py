@@ -174,10 +174,12 @@ def test_config_models_and_smoke():
   assert config.optimizer.agc_clipping == 0.01
   smoke = light_config.get_config("model=nfnet_l0,smoke=True")
   assert smoke.dataset.name == "digits"
-  assert smoke.model.kwargs.group_width == 8
+  assert (smoke.model.kwargs.width_multiplier,
+          smoke.model.kwargs.group_width) == (0.25, 16)
   experiment_config.validate(smoke)
   params = model_helpers.abstract_params(smoke.model.name, num_classes=10,
                             **smoke.model.kwargs)
-  assert sum(math.prod(v.shape) for v in jax.tree.leaves(params)) < 300_000
+  # 805,086 (35,074,488 at full width).
+  assert sum(math.prod(v.shape) for v in jax.tree.leaves(params)) < 1_000_000
   with pytest.raises(ValueError, match="unknown light NFNet 'nfnet_l1'"):
     light_config.get_config("model=nfnet_l1")
