@@ -11,8 +11,8 @@ cosine decay over 360 epochs, weight decay 2e-5 on weights only, AGC 0.01
 on all but the classifier weight, label smoothing 0.1, EMA, MixUp and
 CutMix) with the dropout, stochastic depth and RandAugment of the F-variant
 of the same depths (L0 as F0, ..., L3 as F3), at timm's train and test
-resolutions (`nfnet_light.VARIANTS`). Evaluation is as timm's
-`pretrained_cfg` for the model's weights (`nfnets.weight_preprocessing`):
+resolutions. Evaluation is as timm's `pretrained_cfg` for the model's
+weights (`nfnets.weight_preprocessing`, which has those resolutions too):
 at the test size (288 for L0), the whole centred square resized with PIL's
 bicubic (`crop_resize_1`, `bicubic_antialias`). `smoke=True` swaps in a tiny
 model on the bundled digits data, to check a set-up end to end in a minute.
@@ -31,19 +31,18 @@ def get_config(arg=None):
   if options.model not in nfnet_light.VARIANTS:
     raise ValueError(f"unknown light NFNet {options.model!r}; valid: "
                      f"{', '.join(nfnet_light.VARIANTS)}")
-  light = nfnet_light.VARIANTS[options.model]
   row = nfnet.VARIANTS[f"F{options.model[-1]}"]
+  timm_cfg = weight_preprocessing.preprocessing(options.model)
   c = experiment_config.base_config()
   c.model = experiment_config.model_config(
       options.model, drop_path_rate=0.25, dropout_rate=row.dropout_rate)
   c.dataset.update(dict(name="imagenet2012",
-                        image_size=light.train_image_size,
+                        image_size=timm_cfg.image_size,
                         num_classes=1000,
                         randaugment_layers=row.randaugment[0],
                         randaugment_magnitude=float(row.randaugment[1]),
                         mixup_alpha=0.2, cutmix_alpha=1.0))
-  c.dataset.update(
-      weight_preprocessing.preprocessing(options.model).dataset_overrides())
+  c.dataset.update(timm_cfg.dataset_overrides())
   if options.smoke:
     experiment_config.make_smoke_test(c)
   return c

@@ -257,6 +257,10 @@ def test_small_configs_build_and_classify(name, overrides):
     ("nfnet_f0", (192, 256)),
     ("nfnet_f7_nows", (480, 608)),
     ("nf_resnet50", (224, 224)),
+    # timm-structured models: timm's pretrained_cfg.
+    ("nf_resnet50_timm", (256, 288)),
+    ("nf_seresnet26", (224, 224)),
+    ("eca_nfnet_l1_nows", (256, 320)),
 ])
 def test_image_sizes(name, sizes):
   assert models.image_sizes(name) == sizes

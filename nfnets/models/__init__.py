@@ -280,14 +280,23 @@ def parameter_groups(name: str, params: Mapping[str, Mapping[str, Any]],
 
 
 def image_sizes(name: str) -> tuple[int, int]:
-  """(train, test) resolution: the NFNet or NF-RegNet table, else 224/224."""
+  """(train, test) resolution.
+
+  The NFNet or NF-RegNet table; for timm-structured models (light NFNets,
+  timm's NF-ResNets) timm's `pretrained_cfg` (`weight_preprocessing`);
+  else 224/224.
+  """
+  # Lazily: these modules import the models.
+  from nfnets import timm_weights  # pylint: disable=g-import-not-at-top
+  from nfnets import weight_preprocessing  # pylint: disable=g-import-not-at-top
   get_constructor(name)
   if name.startswith("nf_regnet_"):
     row = nf_regnet.parse_variant(name[len("nf_regnet_"):].split("_")[0])
     return row.train_image_size, row.test_image_size
-  if name.removesuffix("_nows") in nfnet_light.VARIANTS:
-    row = nfnet_light.VARIANTS[name.removesuffix("_nows")]
-    return row.train_image_size, row.test_image_size
+  timm_name = timm_weights.TIMM_NAMES.get(name.removesuffix("_nows"), "")
+  if timm_name and not timm_name.startswith("dm_"):
+    timm_cfg = weight_preprocessing.TIMM_PREPROCESSING[timm_name]
+    return timm_cfg.image_size, timm_cfg.test_size
   if name.startswith("nfnet_f"):
     variant = name[len("nfnet_"):].split("_")[0].replace("plus", "+")
     row, _ = parse_variant(variant)

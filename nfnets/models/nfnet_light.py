@@ -61,20 +61,19 @@ from nfnets.models import common
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-  """One light NFNet: timm's `model_cfgs` entry and `pretrained_cfg` sizes."""
+  """One light NFNet: timm's `model_cfgs` entry (its resolutions are in
+  `nfnets.weight_preprocessing`, with the rest of timm's `pretrained_cfg`)."""
   depths: tuple[int, ...]
   final_conv_mult: float
   attention: str  # 'eca' or 'se'
-  train_image_size: int
-  test_image_size: int
 
 
 VARIANTS: dict[str, Variant] = {
-    "nfnet_l0": Variant((1, 2, 6, 3), 1.5, "se", 224, 288),
-    "eca_nfnet_l0": Variant((1, 2, 6, 3), 1.5, "eca", 224, 288),
-    "eca_nfnet_l1": Variant((2, 4, 12, 6), 2.0, "eca", 256, 320),
-    "eca_nfnet_l2": Variant((3, 6, 18, 9), 2.0, "eca", 320, 384),
-    "eca_nfnet_l3": Variant((4, 8, 24, 12), 2.0, "eca", 352, 448),
+    "nfnet_l0": Variant((1, 2, 6, 3), 1.5, "se"),
+    "eca_nfnet_l0": Variant((1, 2, 6, 3), 1.5, "eca"),
+    "eca_nfnet_l1": Variant((2, 4, 12, 6), 2.0, "eca"),
+    "eca_nfnet_l2": Variant((3, 6, 18, 9), 2.0, "eca"),
+    "eca_nfnet_l3": Variant((4, 8, 24, 12), 2.0, "eca"),
 }
 WIDTHS = (256, 512, 1536, 1536)
 STRIDES = (1, 2, 2, 2)
