@@ -290,8 +290,10 @@ def test_config_kind_picks_the_model():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_train_step_runs_with_a_finite_loss(family):
   config = resnet_config.get_config(f"kind={family},depth=26,smoke=True")
-  # Stochastic depth and dropout on, as the models' defaults.
-  config.model.kwargs.update(dict(drop_path_rate=0.1, dropout_rate=0.25))
+  # Stochastic depth and dropout on, and the zero classifier, as the models'
+  # defaults (the smoke config draws the classifier from N(0, 0.01^2)).
+  config.model.kwargs.update(dict(drop_path_rate=0.1, dropout_rate=0.25,
+                                  fc_init_std=0.0))
   config.optimizer.warmup_epochs = 0.0  # a non-zero first step
   mesh = Mesh(np.asarray(jax.devices()[:1]), (parallel.AXIS,))
   state, step = setup(config, mesh)
