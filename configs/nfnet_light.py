@@ -15,7 +15,8 @@ resolutions. Evaluation is as timm's `pretrained_cfg` for the model's
 weights (`nfnets.weight_preprocessing`, which has those resolutions too):
 at the test size (288 for L0), the whole centred square resized with PIL's
 bicubic (`crop_resize_1`, `bicubic_antialias`). `smoke=True` swaps in a tiny
-model on the bundled digits data, to check a set-up end to end in a minute.
+model on the bundled digits data, to check a set-up end to end in about
+two minutes.
 """
 
 from nfnets import weight_preprocessing

@@ -209,7 +209,7 @@ def shrink_model(config: ml_collections.ConfigDict) -> None:
 
 
 def make_smoke_test(config: ml_collections.ConfigDict) -> None:
-  """Shrinks a config in place to a one-minute run on the bundled digits.
+  """Shrinks a config in place to a run of a minute or two on the digits.
 
   The model keeps its family and options but gets the tiny widths of
   `shrink_model`, one block per stage where the family allows it, and the
