@@ -214,3 +214,28 @@ def test_a_save_error_keeps_the_os_reason_and_drops_tensorstore_s_spec():
   except RuntimeError as chained:
     assert "No space left on device" in checkpoint._save_error_message(
         2, "/tmp/run", chained, [1])
+
+
+def test_only_arrays_of_large_slices_are_written_replica_parallel(
+    tmp_path, monkeypatch):
+  # orbax cuts each replicated array into one slice per replica, each cut a
+  # program compiled per shape and device: for arrays whose slices are under
+  # checkpoint._MIN_REPLICA_SLICE_BYTES, one replica writes them whole.
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  large_rows = checkpoint._MIN_REPLICA_SLICE_BYTES // 4 // 64 * 8
+  state = {"small": jax.device_put(np.ones((48, 40), np.float32), replicated),
+           "large": jax.device_put(
+               np.arange(large_rows * 64, dtype=np.float32).reshape(
+                   large_rows, 64), replicated)}
+  sliced = []
+  slice_in_dim = jax.lax.slice_in_dim
+  monkeypatch.setattr(jax.lax, "slice_in_dim", lambda x, *a, **k: (
+      sliced.append(x.shape), slice_in_dim(x, *a, **k))[1])
+  ckpt = checkpoint.Checkpointer(str(tmp_path), 2, async_save=False)
+  ckpt.save(1, state, {})
+  restored, _ = ckpt.restore_latest(jax.eval_shape(lambda: state))
+  ckpt.close()
+  assert sliced == [(large_rows, 64)] * jax.device_count()
+  for key in state:
+    np.testing.assert_array_equal(restored[key], state[key])
