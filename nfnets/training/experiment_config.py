@@ -363,7 +363,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   model = models.build_model(config.model.name,
                              num_classes=config.dataset.num_classes,
                              **config.model.kwargs)
-  for size in (config.dataset.image_size, config.dataset.eval_image_size):
+  for size in {config.dataset.image_size, config.dataset.eval_image_size}:
     jax.eval_shape(
         lambda x: model.init(jax.random.PRNGKey(0), x, is_training=True),
         jax.ShapeDtypeStruct((1, size, size, 3), "float32"))
