@@ -23,14 +23,18 @@ os.environ.setdefault(
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
-# The modules that take longest, longest first. `python -m pytest -n 2
-# --dist loadfile` (the README's test command) hands each worker whole
-# modules in collection order; starting the long ones first keeps one worker
-# from running the last long module alone while the other idles.
-_SLOW_MODULES = ("test_multihost.py", "test_train_loop.py", "test_train.py",
-                 "test_released_weights.py", "test_train_cli.py",
-                 "test_benchmark_cli.py", "test_sweep.py", "test_tfds.py",
-                 "test_image_folder.py")
+# The modules that take longest, longest first (their test times summed, in
+# the suite of 2026-12-03). `python -m pytest -n 2 --dist loadfile` (the
+# README's test command) hands each worker whole modules in collection order
+# (pytest.ini turns off xdist's reordering by test count): starting the long
+# ones first keeps one worker from running the last long module alone while
+# the other idles.
+_SLOW_MODULES = ("test_multihost.py", "test_train_loop.py",
+                 "test_backbones.py", "test_benchmark_cli.py",
+                 "test_train.py", "test_recipe.py", "test_released_weights.py",
+                 "test_model_numerics.py", "test_train_cli.py",
+                 "test_sweep.py", "test_recipe_optimizer.py",
+                 "test_image_folder.py", "test_models.py", "test_tfds.py")
 
 
 def pytest_collection_modifyitems(items):

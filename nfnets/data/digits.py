@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-from sklearn import datasets
 
 NUM_CLASSES = 10
 SPLITS = ('train', 'test')
@@ -72,6 +71,9 @@ def _resize(images: np.ndarray, size: int) -> np.ndarray:
 @functools.lru_cache(maxsize=None)
 def _load_all(image_size: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """Loads, splits, resizes and normalises both splits once per size."""
+  # Imported here: scikit-learn takes a second to import, which every
+  # process importing the trainer would pay for nothing.
+  from sklearn import datasets  # pylint: disable=g-import-not-at-top
   raw = datasets.load_digits()
   pixels = raw.images.astype(np.float64) / _MAX_PIXEL  # [N, 8, 8] in [0, 1].
   targets = raw.target.astype(np.int32)

@@ -37,22 +37,15 @@ _MIN_REPLICA_SLICE_BYTES = 1 << 20
 
 
 def _use_replica_slices_for_large_arrays_only() -> None:
-  """Registers orbax's jax.Array handler with `_MIN_REPLICA_SLICE_BYTES`.
+  """Sets `_MIN_REPLICA_SLICE_BYTES` on orbax's registered jax.Array handler.
 
-  The handler is orbax's own, with the settings of the one registered now
-  (its array metadata store) and the minimum slice size; orbax keeps its
-  per-platform choice of whether to write replica-parallel at all.
+  orbax keeps its other settings, and its per-platform choice of whether to
+  write replica-parallel at all. (Its constructor takes the setting, but
+  registering a new handler would drop the registered one's array metadata
+  store and log a warning in every process.)
   """
-  registered = ocp.type_handlers.get_type_handler(jax.Array)
-  if getattr(registered, "_min_slice_bytes_for_replica_parallel",
-             None) == _MIN_REPLICA_SLICE_BYTES:
-    return
-  ocp.type_handlers.register_type_handler(
-      jax.Array, ocp.type_handlers.ArrayHandler(
-          array_metadata_store=getattr(registered, "_array_metadata_store",
-                                       None),
-          min_slice_bytes_for_replica_parallel=_MIN_REPLICA_SLICE_BYTES),
-      override=True)
+  handler = ocp.type_handlers.get_type_handler(jax.Array)
+  handler._min_slice_bytes_for_replica_parallel = _MIN_REPLICA_SLICE_BYTES  # pylint: disable=protected-access
 
 
 class CheckpointSaveError(RuntimeError):
