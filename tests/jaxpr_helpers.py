@@ -4,14 +4,18 @@ import jax
 import jax.extend
 
 
-def find_eqns(fn, name: str, *args) -> list:
+def find_eqns(fn, name, *args) -> list:
   """Each `name` operation (a jaxpr equation: `.params`, `.invars`) that
-  `fn(*args)` traces to, nested jaxprs included, in trace order."""
+  `fn(*args)` traces to, nested jaxprs included, in trace order.
+
+  `name` is a primitive's name or a tuple of names (one trace for all).
+  """
+  names = (name,) if isinstance(name, str) else tuple(name)
   found = []
 
   def walk(jaxpr):
     for eqn in jaxpr.eqns:
-      if eqn.primitive.name == name:
+      if eqn.primitive.name in names:
         found.append(eqn)
       for sub in jax.extend.core.jaxprs_in_params(eqn.params):
         walk(sub)

@@ -38,13 +38,19 @@ def tiny_config(**overrides):
   return c
 
 
-def setup(config, mesh):
+def _parts(config, mesh):
+  """The model, schedule, optimizer and (jitted) init of `config`."""
   model = models.build_model(config.model.name, num_classes=10,
                              **config.model.kwargs)
   schedule = optim.learning_rate_schedule(config, 100, 10)
   optimizer = optim.make_optimizer(config, schedule)
-  state = steps.make_init(model, optimizer, (32, 32, 3), mesh)(
-      jax.random.PRNGKey(0))
+  init = steps.make_init(model, optimizer, (32, 32, 3), mesh)
+  return model, schedule, optimizer, init
+
+
+def setup(config, mesh):
+  model, schedule, optimizer, init = _parts(config, mesh)
+  state = init(jax.random.PRNGKey(0))
   step = steps.make_train_step(model, optimizer, schedule, config, mesh)
   return state, step
 
@@ -52,11 +58,12 @@ def setup(config, mesh):
 def restore_latest(config, workdir):
   """(state, data_state) of the newest readable checkpoint in `workdir`."""
   mesh = Mesh(np.asarray(jax.devices()), (parallel.AXIS,))
-  state, _ = setup(config, mesh)
+  # Shapes only: nothing is compiled or run.
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                      sharding=parallel.replicated_sharding(
-                                         mesh)), state)
+                                         mesh)),
+      jax.eval_shape(_parts(config, mesh)[3], jax.random.PRNGKey(0)))
   ckpt = checkpoint.Checkpointer(str(workdir / "checkpoints"), 3, False)
   try:
     return ckpt.restore_latest(abstract)
