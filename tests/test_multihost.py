@@ -238,16 +238,18 @@ def test_two_processes_equal_one_process_with_the_same_devices(runs):
   assert max(float(np.abs(a - b).max()) for a, b in zip(
       jax.tree.leaves(first), jax.tree.leaves(last))) > 1e-4
   # Process 0 alone writes the metrics. The steps between the checkpoint
-  # the restart resumed and the kill are logged twice: the replay is exact.
-  # (Speeds aside.)
+  # the restart resumed and the kill are logged twice, the same (speeds
+  # aside) both times.
   records = {}
   for m in read_metrics(two):
     m = {k: v for k, v in m.items() if not k.endswith("_per_sec")}
     key = (m["step"], "eval_examples" in m)
-    assert records.setdefault(key, m) == m, f"step {key[0]} replayed: {m}"
+    assert m == pytest.approx(records.setdefault(key, m), rel=1e-6), (
+        f"step {key[0]} replayed differently: {m}")
   want = read_metrics(reference)
   assert [(m["step"], "eval_examples" in m) for m in want] == sorted(records)
-  assert sorted(records) == [(s, False) for s in range(1, 7)] + [(6, True)]
+  assert sorted(records) == [(s, False) for s in range(1, NUM_STEPS + 1)] + [
+      (NUM_STEPS, True)]
   for w in want[:-1]:
     for name in ("loss", "grad_norm", "learning_rate"):
       assert records[(w["step"], False)][name] == pytest.approx(
