@@ -3,8 +3,9 @@
 The processes join a `jax.distributed` job through a loopback coordinator and
 train the digits NFNet in one shared workdir (`tests/multihost_worker.py`).
 Their checkpoints must hold the parameters of a single process with 4 devices
-fed the same global batches, and each topology must resume the other's
-checkpoints.
+fed the same global batches, also after one of them is SIGKILLed and the job
+restarted; each topology must resume the other's checkpoints, and a SIGTERM
+to one process must stop both at the same step.
 """
 
 import json
