@@ -1,6 +1,7 @@
 """Tests of the class-per-folder source and its end-to-end training."""
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -112,27 +113,49 @@ def _augmented_config(folder, num_steps):
 
 
 def test_trainer_on_an_image_folder_resumes_the_same_augmented_batches(
-    folder, tmp_path):
+    folder, tmp_path, monkeypatch):
   # End to end with the recipe's augmentation. Its keys come from the state
   # (seed, step) and the host's crops from the data position in the
-  # checkpoint: stopping after 2 steps and resuming ends where an
-  # uninterrupted run does.
+  # checkpoint: preempted after 2 steps and resumed, a run ends where an
+  # uninterrupted one does. (Stopped by SIGTERM rather than by a 2-step
+  # config, the runs share one compiled train step: a run's length is a
+  # constant of its learning rate schedule.)
   from nfnets.training import checkpoint  # pylint: disable=g-import-not-at-top
   from nfnets.training import loop  # pylint: disable=g-import-not-at-top
+  config = _augmented_config(folder, 4)
   whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
-  results = loop.train_and_evaluate(_augmented_config(folder, 4), whole,
-                                    "train_eval")
+  results = loop.train_and_evaluate(config, whole, "train_eval")
   num_val = len(image_folder.list_image_folder(folder, "val", 0.1, 0)[0])
   assert results["eval_examples"] == num_val
   assert np.isfinite(results["eval_loss"]) and np.isfinite(results["loss"])
-  loop.train_and_evaluate(_augmented_config(folder, 2), parts)
-  loop.train_and_evaluate(_augmented_config(folder, 4), parts)
+  real = loop.data.train_iterator
+  monkeypatch.setattr(loop.data, "train_iterator",
+                      lambda config: _SigtermAtSecondBatch(real(config)))
+  assert loop.train_and_evaluate(config, parts)["preempted"] == 2
+  monkeypatch.undo()
+  loop.train_and_evaluate(config, parts)
   a, b = checkpoint.read_params(whole), checkpoint.read_params(parts)
   for x, y in zip(jax_leaves(a["params"]), jax_leaves(b["params"])):
     np.testing.assert_array_equal(x, y)
   fresh = checkpoint.read_params(os.path.join(parts, "checkpoints", "2"))
   assert any(not np.array_equal(x, y) for x, y in zip(
       jax_leaves(fresh["params"]), jax_leaves(b["params"])))
+
+
+class _SigtermAtSecondBatch:
+  """A training iterator that sends this process SIGTERM as it draws its
+  second batch: the loop stops after the step that batch feeds."""
+
+  def __init__(self, iterator):
+    self.iterator, self.drawn = iterator, 0
+    self.num_examples = iterator.num_examples
+    self.get_state, self.set_state = iterator.get_state, iterator.set_state
+
+  def __next__(self):
+    self.drawn += 1
+    if self.drawn == 2:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return next(self.iterator)
 
 
 def jax_leaves(tree):
