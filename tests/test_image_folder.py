@@ -96,9 +96,9 @@ def test_source_reads_bytes_and_labels_in_index_order(folder):
   np.testing.assert_array_equal(labels, source.labels[indices])
 
 
-def _augmented_config(folder, num_steps):
+def _augmented_config(folder):
   """The NFNet recipe's augmentation (MixUp/CutMix, RandAugment 2 x 15) on
-  the image folder, with the tiny digits model."""
+  the image folder, with the tiny digits model, for 4 steps."""
   from configs import digits  # pylint: disable=g-import-not-at-top
   config = digits.get_config()
   config.dataset.update(dict(
@@ -107,7 +107,7 @@ def _augmented_config(folder, num_steps):
       randaugment_magnitude=15.0, mixup_alpha=0.2, cutmix_alpha=1.0))
   config.fast_paths = False  # compiles faster; the same step (test_train.py)
   config.batch_size = 8  # 16 crops a step: an epoch a step (18 images)
-  config.num_steps = num_steps
+  config.num_steps = 4
   config.checkpoint.update(dict(async_save=False, every_steps=2))
   return config
 
@@ -122,7 +122,7 @@ def test_trainer_on_an_image_folder_resumes_the_same_augmented_batches(
   # constant of its learning rate schedule.)
   from nfnets.training import checkpoint  # pylint: disable=g-import-not-at-top
   from nfnets.training import loop  # pylint: disable=g-import-not-at-top
-  config = _augmented_config(folder, 4)
+  config = _augmented_config(folder)
   whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
   results = loop.train_and_evaluate(config, whole, "train_eval")
   num_val = len(image_folder.list_image_folder(folder, "val", 0.1, 0)[0])
