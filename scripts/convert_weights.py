@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from nfnets import released_weights  # pylint: disable=g-import-not-at-top,wrong-import-position
 from nfnets import timm_mapping  # pylint: disable=g-import-not-at-top,wrong-import-position
 from nfnets import timm_weights  # pylint: disable=g-import-not-at-top,wrong-import-position
-from nfnets.training import checkpoint  # pylint: disable=g-import-not-at-top,wrong-import-position
+from nfnets.training import weights_io  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _INPUT = flags.DEFINE_string("input", None, "Weights file or workdir.",
                              required=True)
@@ -55,7 +55,7 @@ def convert(source: str, output: str, fmt: str = "safe",
   if fmt == "timm" and model is not None and model not in \
       timm_weights.TIMM_NAMES:
     raise ValueError(timm_weights.no_counterpart(model))
-  loaded = checkpoint.load_weights(source, model)
+  loaded = weights_io.load_weights(source, model)
   params = loaded["params" if raw else "ema_params"]
   count = sum(v.size for leaves in params.values() for v in leaves.values())
   if fmt == "timm":

@@ -40,6 +40,7 @@ from nfnets import timm_weights  # pylint: disable=g-import-not-at-top,wrong-imp
 from nfnets import weight_preprocessing  # pylint: disable=g-import-not-at-top,wrong-import-position
 from nfnets.data import transforms  # pylint: disable=g-import-not-at-top,wrong-import-position
 from nfnets.training import checkpoint  # pylint: disable=g-import-not-at-top,wrong-import-position
+from nfnets.training import weights_io  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _MODEL = flags.DEFINE_string("model", "nfnet_f0", "Registered model name.")
 _WEIGHTS = flags.DEFINE_string("weights", None, "Weights file or workdir.",
@@ -139,7 +140,7 @@ def predict(model_name, weights, paths, image_size=None, precision="float32",
   if top_k < 1 or (image_size is not None and image_size < 1):
     raise ValueError("top_k and image_size must be positive")
   pre = settings(model_name, weights, image_size=image_size, **preprocessing)
-  loaded = checkpoint.load_weights(weights, model_name)
+  loaded = weights_io.load_weights(weights, model_name)
   params, model_state = loaded["ema_params"], loaded["ema_model_state"]
   try:
     head = agc.classifier_module(params)

@@ -349,7 +349,7 @@ def test_finetune_config_needs_the_number_of_classes(tmp_path):
 
 def test_finetune_config_runs_end_to_end(tmp_path, monkeypatch):
   pytest.importorskip("tensorflow")
-  from nfnets.training import checkpoint  # pylint: disable=g-import-not-at-top
+  from nfnets.training import weights_io  # pylint: disable=g-import-not-at-top
   from nfnets.training import loop  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
   config = finetune_config.get_config("smoke=True")
@@ -370,7 +370,7 @@ def test_finetune_config_runs_end_to_end(tmp_path, monkeypatch):
   results = loop.train_and_evaluate(config, str(tmp_path / "run"), "train")
   assert np.isfinite(results["loss"])
   assert results["eval_examples"] == 3 * 2  # a quarter of 8 per class
-  saved = checkpoint.read_params(str(tmp_path / "run"))["params"]
+  saved = weights_io.read_params(str(tmp_path / "run"))["params"]
   assert saved["NFNet/~/linear"]["w"].shape == (
       models.feature_info(name, **kwargs)[-1]["channels"], 3)
   groups = models.parameter_groups(name, saved, num_classes=3, **kwargs)

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from nfnets.training import checkpoint
+from nfnets.training import weights_io
 from nfnets.training import integrity
 
 
@@ -151,15 +152,15 @@ def test_init_from_verifies_and_falls_back(tmp_path, caplog):
   _save(tmp_path / "checkpoints", [1, 2])
   _flip(_largest_data_file(str(tmp_path / "checkpoints" / "2")))
   with caplog.at_level("WARNING"):
-    weights = checkpoint.read_params(str(tmp_path))
+    weights = weights_io.read_params(str(tmp_path))
   np.testing.assert_array_equal(weights["params"]["linear"]["w"],
                                 _state(1).params["linear"]["w"])
   assert "step 2" in caplog.text and "SHA-256" in caplog.text
   with pytest.raises(ValueError, match="different SHA-256"):
-    checkpoint.read_params(str(tmp_path / "checkpoints" / "2"))
+    weights_io.read_params(str(tmp_path / "checkpoints" / "2"))
   _flip(_largest_data_file(str(tmp_path / "checkpoints" / "1")))
   with pytest.raises(ValueError, match="no good checkpoint"):
-    checkpoint.read_params(str(tmp_path))
+    weights_io.read_params(str(tmp_path))
 
 
 @pytest.mark.parametrize("async_save", [True, False])

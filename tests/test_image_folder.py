@@ -120,7 +120,7 @@ def test_trainer_on_an_image_folder_resumes_the_same_augmented_batches(
   # uninterrupted one does. (Stopped by SIGTERM rather than by a 2-step
   # config, the runs share one compiled train step: a run's length is a
   # constant of its learning rate schedule.)
-  from nfnets.training import checkpoint  # pylint: disable=g-import-not-at-top
+  from nfnets.training import weights_io  # pylint: disable=g-import-not-at-top
   from nfnets.training import loop  # pylint: disable=g-import-not-at-top
   config = _augmented_config(folder)
   whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
@@ -134,10 +134,10 @@ def test_trainer_on_an_image_folder_resumes_the_same_augmented_batches(
   assert loop.train_and_evaluate(config, parts)["preempted"] == 2
   monkeypatch.undo()
   loop.train_and_evaluate(config, parts)
-  a, b = checkpoint.read_params(whole), checkpoint.read_params(parts)
+  a, b = weights_io.read_params(whole), weights_io.read_params(parts)
   for x, y in zip(jax_leaves(a["params"]), jax_leaves(b["params"])):
     np.testing.assert_array_equal(x, y)
-  fresh = checkpoint.read_params(os.path.join(parts, "checkpoints", "2"))
+  fresh = weights_io.read_params(os.path.join(parts, "checkpoints", "2"))
   assert any(not np.array_equal(x, y) for x, y in zip(
       jax_leaves(fresh["params"]), jax_leaves(b["params"])))
 

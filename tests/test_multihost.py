@@ -23,7 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from nfnets.training import checkpoint
+from nfnets.training import weights_io
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "multihost_worker.py")
@@ -230,7 +230,7 @@ def test_two_processes_equal_one_process_with_the_same_devices(runs):
     assert_same_weights(two, reference, step)
   # read_params (init_from, export) reads a 4-device checkpoint in this
   # 8-device process.
-  loaded = checkpoint.read_params(two)["params"]
+  loaded = weights_io.read_params(two)["params"]
   for a, b in zip(jax.tree.leaves(loaded),
                   jax.tree.leaves(read_state(two, NUM_STEPS)["params"])):
     np.testing.assert_array_equal(a, b)

@@ -12,6 +12,7 @@ import pytest
 
 from nfnets import models
 from nfnets.training import checkpoint
+from nfnets.training import weights_io
 from nfnets.training import experiment_config
 from nfnets.training import loop
 from nfnets.training import optim
@@ -157,7 +158,7 @@ def test_a_checkpoint_without_the_added_fields_restores(tmp_path, name):
   restored, metrics = step(restored, parallel.shard_batch(batch(), mesh))
   assert np.isfinite(float(metrics["loss"]))
   assert int(restored.step) == 2
-  assert checkpoint.read_params(str(tmp_path))["ema_model_state"].keys() == (
+  assert weights_io.read_params(str(tmp_path))["ema_model_state"].keys() == (
       state.model_state.keys())
 
 

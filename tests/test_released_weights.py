@@ -19,7 +19,7 @@ import pytest
 import cli_helpers
 from nfnets import models
 from nfnets import released_weights
-from nfnets.training import checkpoint
+from nfnets.training import weights_io
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -250,10 +250,10 @@ def test_truncated_foreign_and_missing_files_are_clear_errors(
 
 
 def test_load_weights_dispatches_files_and_runs(released_file):
-  loaded = checkpoint.load_weights(released_file)
+  loaded = weights_io.load_weights(released_file)
   assert loaded["params"] is loaded["ema_params"]
   with pytest.raises(ValueError, match="no checkpoint found"):
-    checkpoint.load_weights(os.path.dirname(released_file))
+    weights_io.load_weights(os.path.dirname(released_file))
 
 
 def test_predict_script_on_generated_images(released_file, tmp_path):

@@ -31,6 +31,7 @@ from nfnets import timm_mapping
 from nfnets import timm_weights
 from nfnets import weight_preprocessing
 from nfnets.training import checkpoint
+from nfnets.training import weights_io
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # timm's model -> ours, for the logit parity.
@@ -131,7 +132,7 @@ def test_project_checkpoint_to_timm_and_back_is_exact(tmp_path):
   assert ("a timm NFNetLight with (1, 2, 1, 1) blocks per stage "
           "(unchecked: no --model)") in result.stdout
   assert timm_weights.detect_format(str(out)) == "safetensors"
-  _assert_trees_equal(checkpoint.load_weights(str(out))["params"], ema)
+  _assert_trees_equal(weights_io.load_weights(str(out))["params"], ema)
   # Errors, from a file (a run's input also logs orbax's lines).
   run = lambda *args: subprocess.run(  # pylint: disable=g-long-lambda
       [sys.executable, script, f"--input={out}", "--format=timm", *args],
@@ -184,7 +185,7 @@ def test_released_file_exports_and_reloads(tmp_path):
                                        group_width=16).items()}
   released = tmp_path / "F0_haiku.npz"
   released_weights.save_released(params, str(released))
-  loaded = checkpoint.load_weights(str(released))["params"]
+  loaded = weights_io.load_weights(str(released))["params"]
   path = tmp_path / "f0.safetensors"
   # Checked against timm's tree of these widths: keys, shapes (0-d skip
   # gains) and order.
@@ -193,7 +194,7 @@ def test_released_file_exports_and_reloads(tmp_path):
   state = timm_weights.read_state_dict(str(path))
   assert timm_mapping.identify(state) == "dm_nfnet_f0"
   assert state["stages.0.0.skipinit_gain"].shape == ()
-  _assert_trees_equal(checkpoint.load_weights(str(path))["params"], params)
+  _assert_trees_equal(weights_io.load_weights(str(path))["params"], params)
 
 
 def test_a_file_of_another_model_names_the_first_tensor(tmp_path):
@@ -211,7 +212,7 @@ def test_a_file_of_another_model_names_the_first_tensor(tmp_path):
   options, resnet, _, _ = timm_helpers.tiny_state("nf_resnet50")
   path = _write(resnet, tmp_path / "resnet.safetensors")
   with pytest.raises(ValueError) as e:
-    checkpoint.load_weights(path, "nf_ecaresnet50")
+    weights_io.load_weights(path, "nf_ecaresnet50")
   assert str(e.value) == (
       f"{path} does not fit nf_ecaresnet50 (timm's nf_ecaresnet50): tensor "
       "'stem.conv.weight' has shape [8, 3, 7, 7], the model needs "
@@ -220,7 +221,7 @@ def test_a_file_of_another_model_names_the_first_tensor(tmp_path):
   with pytest.raises(ValueError, match=r"nf_resnet50 has no timm counterpart"
                      r".*\(it holds timm's nf_resnet50, this project's "
                      r"nf_resnet50_timm\)$"):
-    checkpoint.load_weights(path, "nf_resnet50")
+    weights_io.load_weights(path, "nf_resnet50")
   with pytest.raises(ValueError, match="NF-RegNet"):
     timm_mapping.to_haiku({"stem.conv.weight": np.zeros((8, 3, 3, 3))})
 
@@ -238,7 +239,7 @@ def test_pth_without_torch_is_one_clear_line(tmp_path, monkeypatch):
     path = _torch_zip(tmp_path / name)
     assert timm_weights.detect_format(path) == "torch"
     with pytest.raises(ValueError) as e:
-      checkpoint.load_weights(path)
+      weights_io.load_weights(path)
     assert "\n" not in str(e.value)
     assert "torch is not installed: install it (pip install torch), or " \
         "convert the file once where torch is: python " \
@@ -282,11 +283,11 @@ def test_pth_with_torch_reads_the_ema_state_dict(tmp_path, monkeypatch):
 def test_formats_are_told_by_content_not_name(tmp_path):
   _, state, _, _ = timm_helpers.tiny_state("eca_nfnet_l0")
   misnamed = _write(state, tmp_path / "weights.npz")
-  params = checkpoint.load_weights(misnamed)["params"]
+  params = weights_io.load_weights(misnamed)["params"]
   assert "NFNetLight/~/stem/~/conv1" in params
   safe = tmp_path / "safe.safetensors"  # a safe .npz, whatever the name
   released_weights.save_safe(params, str(safe))
-  _assert_trees_equal(checkpoint.load_weights(str(safe))["params"], params)
+  _assert_trees_equal(weights_io.load_weights(str(safe))["params"], params)
   pickled = tmp_path / "pickled.safetensors"
   released_weights.save_released(params, str(pickled))
   assert [timm_weights.detect_format(str(p)) for p in

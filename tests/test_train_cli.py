@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import cli_helpers
-from nfnets.training import checkpoint
+from nfnets.training import weights_io
 from nfnets.training import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,8 +104,8 @@ def test_sigkill_and_sigterm_then_resume_is_exact(tmp_path):
   final = _run(killed, *SHORT)
   assert final.returncode == 0, final.stderr[-2000:]
   assert "test accuracy" in final.stdout
-  a = checkpoint.read_params(str(reference))
-  b = checkpoint.read_params(str(killed))
+  a = weights_io.read_params(str(reference))
+  b = weights_io.read_params(str(killed))
   for key in ("params", "ema_params"):
     leaves_a, leaves_b = jax.tree.leaves(a[key]), jax.tree.leaves(b[key])
     assert len(leaves_a) == len(leaves_b) > 10

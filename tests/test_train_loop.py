@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from nfnets.training import checkpoint
+from nfnets.training import weights_io
 from nfnets.training import loop
 from nfnets.training import steps
 
@@ -168,7 +169,7 @@ def test_init_from_a_batch_norm_run_carries_its_statistics(tmp_path):
   config.checkpoint.update(dict(every_steps=2, async_save=False))
   loop.train_and_evaluate(config, str(tmp_path / "a"), "train")
   # The state keeps its types through the step (batch norm's int counter).
-  saved = checkpoint.read_params(str(tmp_path / "a"))["model_state"]
+  saved = weights_io.read_params(str(tmp_path / "a"))["model_state"]
   counters = [v for m in saved.values() for k, v in m.items() if k == "counter"]
   assert counters and all(c.dtype == np.int32 for c in counters)
   own = loop.train_and_evaluate(config, str(tmp_path / "a"), "eval")

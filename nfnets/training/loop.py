@@ -27,6 +27,7 @@ from nfnets import data
 from nfnets import models
 from nfnets import released_weights
 from nfnets.training import checkpoint
+from nfnets.training import weights_io
 from nfnets.training import experiment_config
 from nfnets.training import optim
 from nfnets.training import parallel
@@ -71,7 +72,7 @@ def _load_init_from(path: str, abstract: steps.TrainState,
   Returns:
     (params, ema_params, model_state, ema_model_state) as host arrays.
   """
-  loaded = checkpoint.load_weights(path)
+  loaded = weights_io.load_weights(path)
   head = agc.classifier_module(abstract.params)
   shapes = lambda leaves: {k: np.shape(v) for k, v in leaves.items()}
   head_fits = (shapes(abstract.params[head]) ==
