@@ -43,7 +43,8 @@ def get_config(arg=None):
       # N(0, 0.01^2) shortens it (BENCHMARKS.md).
       c.model.kwargs.fc_init_std = 0.01
     if options.kind == "fixup":
-      # Fixup's start is unstable at this scale (no learning at base_lr 0.3,
-      # learning at 0.2 and 0.4): 3 epochs of warmup, not 1.
+      # Fixup's start is unstable at this scale (at batch 32, no learning at
+      # a peak lr of 0.0375, learning at 0.025 and 0.05): 3 epochs of
+      # warmup, not 1.
       c.optimizer.warmup_epochs = 3.0
   return c
