@@ -65,9 +65,11 @@ def _shrink_for_smoke(c):
   config's optimizer. Without AGC the tiny NF-RegNet stalls or diverges at
   learning rates that learn the digits in this time (peak 0.01-0.1 over 15
   epochs: 18-94%), so the run is shrunk as a family trained with AGC (the
-  digits config's batch 64, AGC 0.04, base_lr 0.4, 1 epoch of warmup),
-  with classifier init N(0, 0.01^2), no dropout or stochastic depth, and
-  the recipe's peak lr 0.4 unscaled by batch, for 20 epochs.
+  digits config's AGC 0.04 and 1 epoch of warmup), with classifier init
+  N(0, 0.01^2), no dropout or stochastic depth, and the recipe's peak lr 0.4
+  unscaled by batch, for 20 epochs, at batch 16: at batch 64 (32) seeds 0-2
+  reached 98.61 / 98.33 / 98.05% (98.05 / 98.33 / 98.61%), at 16 98.61 /
+  98.89 / 98.61% (BENCHMARKS.md).
   """
   c.optimizer.agc_clipping = 0.04  # make_smoke_test's AGC settings
   experiment_config.make_smoke_test(c)
@@ -75,6 +77,7 @@ def _shrink_for_smoke(c):
                              drop_path_rate=0.0))
   c.num_epochs = 20.0
   c.optimizer.scale_lr_by_batch = False
+  c.batch_size = 16
   c.checkpoint.every_steps = 100
   c.log_every_steps = 50
 
