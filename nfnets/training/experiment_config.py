@@ -217,9 +217,10 @@ def make_smoke_test(config: ml_collections.ConfigDict) -> None:
   of warmup, weight decay 5e-5, base_lr 0.4 scaled by batch / 256 and, for
   families trained with AGC, batch 64 and clipping 0.04 (a peak lr of 0.1).
   Without AGC that peak diverges: those families train at batch 16 (a peak
-  lr of 0.025, as base_lr 0.1 at batch 64, over four times the steps; batch
-  32, then 16, lifted them by 0.5-3% and about 0.3% on average). A config
-  may tune its own smoke run further (`configs/nf_regnet.py`,
+  lr of 0.025, as base_lr 0.1 at batch 64, over four times the steps: batch
+  32 lifted each family by 0.5-3% over 64, and 16 by a further 0.3% on
+  average over seeds 0-2, 0-1.2% by family). A config may tune its own
+  smoke run further (`configs/nf_regnet.py`, `configs/nfnet_light.py`,
   `configs/resnet.py`); BENCHMARKS.md has what each reaches.
   """
   config.dataset.update(dict(name="digits", image_size=32, eval_image_size=32,
