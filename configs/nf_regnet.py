@@ -72,12 +72,11 @@ def _shrink_for_smoke(c):
   98.89 / 98.61% (BENCHMARKS.md).
   """
   c.optimizer.agc_clipping = 0.04  # make_smoke_test's AGC settings
-  experiment_config.make_smoke_test(c)
+  experiment_config.make_smoke_test(c, batch_size=16)
   c.model.kwargs.update(dict(fc_init_std=0.01, dropout_rate=0.0,
                              drop_path_rate=0.0))
   c.num_epochs = 20.0
-  c.optimizer.scale_lr_by_batch = False
-  c.batch_size = 16
+  c.optimizer.update(dict(base_lr=0.4, scale_lr_by_batch=False))
   c.checkpoint.every_steps = 100
   c.log_every_steps = 50
 

@@ -39,7 +39,6 @@ from nfnets import released_weights  # pylint: disable=g-import-not-at-top,wrong
 from nfnets import timm_weights  # pylint: disable=g-import-not-at-top,wrong-import-position
 from nfnets import weight_preprocessing  # pylint: disable=g-import-not-at-top,wrong-import-position
 from nfnets.data import transforms  # pylint: disable=g-import-not-at-top,wrong-import-position
-from nfnets.training import checkpoint  # pylint: disable=g-import-not-at-top,wrong-import-position
 from nfnets.training import weights_io  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _MODEL = flags.DEFINE_string("model", "nfnet_f0", "Registered model name.")

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from nfnets.training import checkpoint
-from nfnets.training import weights_io
 from nfnets.training import integrity
+from nfnets.training import weights_io
 
 
 class State(NamedTuple):

@@ -122,15 +122,19 @@ def test_trainer_on_an_image_folder_resumes_the_same_augmented_batches(
   # constant of its learning rate schedule.)
   from nfnets.training import weights_io  # pylint: disable=g-import-not-at-top
   from nfnets.training import loop  # pylint: disable=g-import-not-at-top
+  import train_helpers  # pylint: disable=g-import-not-at-top
   config = _augmented_config(folder)
   whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
   results = loop.train_and_evaluate(config, whole, "train_eval")
   num_val = len(image_folder.list_image_folder(folder, "val", 0.1, 0)[0])
   assert results["eval_examples"] == num_val
   assert np.isfinite(results["eval_loss"]) and np.isfinite(results["loss"])
-  real = loop.data.train_iterator
-  monkeypatch.setattr(loop.data, "train_iterator",
-                      lambda config: _SigtermAtSecondBatch(real(config)))
+
+  def preempt(batch):  # as the second batch is drawn: stop after its step
+    os.kill(os.getpid(), signal.SIGTERM)
+    return batch
+
+  train_helpers.change_train_batch(monkeypatch, 2, preempt)
   assert loop.train_and_evaluate(config, parts)["preempted"] == 2
   monkeypatch.undo()
   loop.train_and_evaluate(config, parts)
@@ -140,22 +144,6 @@ def test_trainer_on_an_image_folder_resumes_the_same_augmented_batches(
   fresh = weights_io.read_params(os.path.join(parts, "checkpoints", "2"))
   assert any(not np.array_equal(x, y) for x, y in zip(
       jax_leaves(fresh["params"]), jax_leaves(b["params"])))
-
-
-class _SigtermAtSecondBatch:
-  """A training iterator that sends this process SIGTERM as it draws its
-  second batch: the loop stops after the step that batch feeds."""
-
-  def __init__(self, iterator):
-    self.iterator, self.drawn = iterator, 0
-    self.num_examples = iterator.num_examples
-    self.get_state, self.set_state = iterator.get_state, iterator.set_state
-
-  def __next__(self):
-    self.drawn += 1
-    if self.drawn == 2:
-      os.kill(os.getpid(), signal.SIGTERM)
-    return next(self.iterator)
 
 
 def jax_leaves(tree):

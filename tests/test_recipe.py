@@ -12,12 +12,12 @@ import pytest
 
 from nfnets import models
 from nfnets.training import checkpoint
-from nfnets.training import weights_io
 from nfnets.training import experiment_config
 from nfnets.training import loop
 from nfnets.training import optim
 from nfnets.training import parallel
 from nfnets.training import steps
+from nfnets.training import weights_io
 
 from train_helpers import batch  # pylint: disable=g-bad-import-order
 from train_helpers import setup  # pylint: disable=g-bad-import-order

@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nfnets.training import checkpoint
-from nfnets.training import weights_io
 from nfnets.training import loop
 from nfnets.training import steps
+from nfnets.training import weights_io
 
+from train_helpers import change_train_batch  # pylint: disable=g-bad-import-order
 from train_helpers import restore_latest  # pylint: disable=g-bad-import-order
 from train_helpers import tiny_config  # pylint: disable=g-bad-import-order
 import configs.resnet as resnet_config  # pylint: disable=g-bad-import-order
@@ -179,28 +179,10 @@ def test_init_from_a_batch_norm_run_carries_its_statistics(tmp_path):
     assert via[key] == own[key], key
 
 
-class _PoisonedIterator:
-  """The training iterator with NaN images in its `bad`-th batch (from 1)."""
-
-  def __init__(self, iterator, bad):
-    self.iterator, self.bad, self.count = iterator, bad, 0
-    self.num_examples = iterator.num_examples
-    self.get_state, self.set_state = iterator.get_state, iterator.set_state
-
-  def __next__(self):
-    batch = dict(next(self.iterator))
-    self.count += 1
-    if self.count == self.bad:
-      batch["images"] = np.full_like(batch["images"], np.nan)
-    return batch
-
-
 def test_a_run_stopped_by_a_nan_batch_resumes_and_finishes(tmp_path,
                                                             monkeypatch):
-  make_iterator = loop.data.train_iterator
-  monkeypatch.setattr(loop.data, "train_iterator",
-                      lambda config: _PoisonedIterator(make_iterator(config),
-                                                       bad=5))
+  change_train_batch(monkeypatch, 5, lambda batch: dict(
+      batch, images=np.full_like(batch["images"], np.nan)))
   with pytest.raises(loop.NonFiniteLossError,
                      match=r"NaN/inf at step 4.*last good state"):
     # (The `trained` fixture's config: its programs come from the
@@ -213,29 +195,16 @@ def test_a_run_stopped_by_a_nan_batch_resumes_and_finishes(tmp_path,
   assert data_state == {"epoch": 0, "batch": 4}
   for leaf in jax.tree.leaves(restored.params):
     assert np.all(np.isfinite(leaf))
-  monkeypatch.setattr(loop.data, "train_iterator", make_iterator)
+  monkeypatch.undo()
   results = loop.train_and_evaluate(tiny_config(), str(tmp_path))
   assert "eval_top1" in results and np.isfinite(results["loss"])
   assert int(restore_latest(tiny_config(), tmp_path)[0].step) == 6
 
 
-class _ScaledIterator(_PoisonedIterator):
-  """The training iterator with its `bad`-th batch's images times 2000."""
-
-  def __next__(self):
-    batch = dict(next(self.iterator))
-    self.count += 1
-    if self.count == self.bad:
-      batch["images"] = batch["images"] * 2000.0
-    return batch
-
-
 def test_the_spike_guard_stops_at_a_finite_spike_and_resumes(tmp_path,
                                                              monkeypatch):
-  make_iterator = loop.data.train_iterator
-  monkeypatch.setattr(loop.data, "train_iterator",
-                      lambda config: _ScaledIterator(make_iterator(config),
-                                                     bad=6))
+  change_train_batch(monkeypatch, 6, lambda batch: dict(
+      batch, images=batch["images"] * 2000.0))
   config = tiny_config(num_steps=9, **{"loss_spike.factor": 3.0,
                                        "loss_spike.window": 2})
   with pytest.raises(loop.LossSpikeError,
@@ -247,7 +216,7 @@ def test_the_spike_guard_stops_at_a_finite_spike_and_resumes(tmp_path,
   assert data_state == {"epoch": 0, "batch": 5}
   assert float(restored.loss_average["weight"]) > 0.9
   # Restarted on clean data, the guarded run finishes.
-  monkeypatch.setattr(loop.data, "train_iterator", make_iterator)
+  monkeypatch.undo()
   loop.train_and_evaluate(config, str(tmp_path), "train")
   assert int(restore_latest(config, tmp_path)[0].step) == 9
 

@@ -1,4 +1,5 @@
-"""The tiny trainer set-up shared by test_train.py and test_train_loop.py."""
+"""The tiny trainer set-up shared by test_train.py and test_train_loop.py,
+and `change_train_batch` for tests that disturb a run's data."""
 
 import jax
 from jax.sharding import Mesh
@@ -7,6 +8,7 @@ import numpy as np
 from nfnets import models
 from nfnets.data import digits
 from nfnets.training import checkpoint
+from nfnets.training import loop
 from nfnets.training import optim
 from nfnets.training import parallel
 from nfnets.training import steps
@@ -74,3 +76,28 @@ def restore_latest(config, workdir):
 def batch(n=32):
   images, labels = digits.load_digits("train")
   return {"images": images[:n], "labels": labels[:n]}
+
+
+class _ChangedAt:
+  """A training iterator whose `n`-th batch (from 1) goes through `change`."""
+
+  def __init__(self, iterator, n, change):
+    self.iterator, self.n, self.change, self.drawn = iterator, n, change, 0
+    self.num_examples = iterator.num_examples
+    self.get_state, self.set_state = iterator.get_state, iterator.set_state
+
+  def __next__(self):
+    batch = next(self.iterator)
+    self.drawn += 1
+    return self.change(dict(batch)) if self.drawn == self.n else batch
+
+
+def change_train_batch(monkeypatch, n, change):
+  """Makes the trainer's next training iterators pass their `n`-th batch
+  (from 1) through `change`, a function of the batch's dict that returns the
+  batch to use (and may act, e.g. send a signal); `monkeypatch.undo()` ends
+  it."""
+  make_iterator = loop.data.train_iterator
+  monkeypatch.setattr(
+      loop.data, "train_iterator",
+      lambda config: _ChangedAt(make_iterator(config), n, change))

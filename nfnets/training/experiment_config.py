@@ -208,20 +208,23 @@ def shrink_model(config: ml_collections.ConfigDict) -> None:
     config.model.kwargs.update(dict(width_multiplier=0.25))
 
 
-def make_smoke_test(config: ml_collections.ConfigDict) -> None:
+def make_smoke_test(config: ml_collections.ConfigDict,
+                    batch_size: int | None = None) -> None:
   """Shrinks a config in place to a run of a minute or two on the digits.
 
   The model keeps its family and options but gets the tiny widths of
   `shrink_model`, one block per stage where the family allows it, and the
   data, length and optimizer settings of `configs/digits.py`: 15 epochs, 1
-  of warmup, weight decay 5e-5, base_lr 0.4 scaled by batch / 256 and, for
-  families trained with AGC, batch 64 and clipping 0.04 (a peak lr of 0.1).
-  Without AGC that peak diverges: those families train at batch 16 (a peak
-  lr of 0.025, as base_lr 0.1 at batch 64, over four times the steps: batch
-  32 lifted each family by 0.5-3% over 64, and 16 by a further 0.3% on
-  average over seeds 0-2, 0-1.2% by family). A config may tune its own
-  smoke run further (`configs/nf_regnet.py`, `configs/nfnet_light.py`,
-  `configs/resnet.py`); BENCHMARKS.md has what each reaches.
+  of warmup, weight decay 5e-5, base_lr scaled by batch / 256 and, for
+  families trained with AGC, clipping 0.04 and a peak lr of 0.1 (batch 64,
+  base_lr 0.4, as the digits config). Without AGC that peak diverges: those
+  families train at a peak lr of 0.025, by default at batch 16 (as base_lr
+  0.1 at batch 64, over four times the steps: batch 32 lifted each family by
+  0.5-3% over 64, and 16 by a further 0.3% on average over seeds 0-2, 0-1.2%
+  by family). `batch_size` picks another batch at the same peak lr. A
+  config may tune its own smoke run further (`configs/nf_regnet.py`,
+  `configs/nfnet_light.py`, `configs/resnet.py`); BENCHMARKS.md has what
+  each reaches.
   """
   config.dataset.update(dict(name="digits", image_size=32, eval_image_size=32,
                              num_classes=10, augment_shift=0,
@@ -229,13 +232,14 @@ def make_smoke_test(config: ml_collections.ConfigDict) -> None:
                              cutmix_alpha=0.0))
   shrink_model(config)
   agc = config.optimizer.agc_clipping > 0
-  config.batch_size = 64 if agc else 16
+  config.batch_size = batch_size or (64 if agc else 16)
+  peak_lr = 0.1 if agc else 0.025
   config.eval_batch_size = 360
   config.num_epochs = 15.0
   config.optimizer.update(dict(
-      base_lr=0.4, agc_clipping=0.04 if agc else 0.0,
-      weight_decay=5e-5, warmup_epochs=1.0, scale_lr_by_batch=True,
-      min_lr=0.0))
+      base_lr=peak_lr * 256 / config.batch_size,
+      agc_clipping=0.04 if agc else 0.0, weight_decay=5e-5, warmup_epochs=1.0,
+      scale_lr_by_batch=True, min_lr=0.0))
   config.precision = "float32"
   config.ema.update(dict(decay=0.99, warmup=True))
   config.checkpoint.every_steps = 10

@@ -27,11 +27,11 @@ from nfnets import data
 from nfnets import models
 from nfnets import released_weights
 from nfnets.training import checkpoint
-from nfnets.training import weights_io
 from nfnets.training import experiment_config
 from nfnets.training import optim
 from nfnets.training import parallel
 from nfnets.training import steps
+from nfnets.training import weights_io
 from nfnets.training.metrics import MetricWriter
 
 
