@@ -1,18 +1,21 @@
 """One process of a tiny digits run, for `tests/test_multihost.py`.
 
-  python tests/multihost_worker.py WORKDIR [--distributed] [--num_steps=N]
+  python tests/multihost_worker.py WORKDIR [--distributed] [--step_seconds=S]
 
 Trains the digits NFNet for a few steps with `nfnets.training.loop` (checkpoints
 every 2 steps, an evaluation at the end). With `--distributed` the process
 joins a `jax.distributed` job described by JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES and JAX_PROCESS_ID; the device count comes from XLA_FLAGS.
 The config does not depend on the topology, so every topology trains the
-same model on the same global batches.
+same model on the same global batches. `--step_seconds` makes each training
+batch wait that long before it is drawn: a window for a signal between two
+steps of a run that compiles the same programs as the others.
 """
 
 import argparse
 import os
 import sys
+import time
 
 # Runnable from a clone: the repo root (for `configs`) on the path.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,13 +30,13 @@ NUM_STEPS = 6
 CHECKPOINT_EVERY = 2
 
 
-def make_config(distributed: bool, num_steps: int = NUM_STEPS):
+def make_config(distributed: bool):
   """The digits config cut to a few steps of a global batch of 16."""
   c = digits_config.get_config()
   c.optimizer.warmup_epochs = 0.0
   c.batch_size = 16
   c.eval_batch_size = 40
-  c.num_steps = num_steps
+  c.num_steps = NUM_STEPS
   c.checkpoint.every_steps = CHECKPOINT_EVERY
   c.checkpoint.max_to_keep = NUM_STEPS // CHECKPOINT_EVERY
   c.checkpoint.async_save = False
@@ -46,14 +49,31 @@ def make_config(distributed: bool, num_steps: int = NUM_STEPS):
   return c
 
 
+class _Slowed:
+  """A training iterator that waits `seconds` before each batch."""
+
+  def __init__(self, iterator, seconds):
+    self.iterator, self.seconds = iterator, seconds
+    self.num_examples = iterator.num_examples
+    self.get_state, self.set_state = iterator.get_state, iterator.set_state
+
+  def __next__(self):
+    time.sleep(self.seconds)
+    return next(self.iterator)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("workdir")
   parser.add_argument("--distributed", action="store_true")
-  parser.add_argument("--num_steps", type=int, default=NUM_STEPS)
+  parser.add_argument("--step_seconds", type=float, default=0.0)
   args = parser.parse_args()
-  results = loop.train_and_evaluate(
-      make_config(args.distributed, args.num_steps), args.workdir, "train")
+  if args.step_seconds:
+    make_iterator = loop.data.train_iterator
+    loop.data.train_iterator = lambda config: _Slowed(make_iterator(config),
+                                                      args.step_seconds)
+  results = loop.train_and_evaluate(make_config(args.distributed),
+                                    args.workdir, "train")
   if "preempted" in results:
     print(f"process {jax.process_index()}: preempted at step "
           f"{results['preempted']}", flush=True)

@@ -278,14 +278,19 @@ def test_one_process_resumes_the_checkpoint_of_two(runs):
 
 
 def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
-  """JAX's preemption service: every process saves one agreed step."""
+  """JAX's preemption service: every process saves one agreed step.
+
+  The run is the `runs` fixture's 2-process job (its programs come from the
+  compilation cache) with a second's wait before each batch, so that the
+  signal lands between steps 2 and NUM_STEPS.
+  """
   coordinator = f"127.0.0.1:{_free_port()}"
   logs = [tmp_path / f"p{p}.log" for p in range(2)]
   procs = []
   try:
     for p, log in enumerate(logs):
       procs.append(_start_worker(
-          tmp_path / "run", ["--distributed", "--num_steps=100000"],
+          tmp_path / "run", ["--distributed", "--step_seconds=1"],
           _env(DEVICES // 2, p, 2, coordinator), log))
     deadline = time.monotonic() + TIMEOUT
     # Process 1 alone is told to stop, once training has started.
@@ -303,5 +308,5 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
   assert codes == [0, 0], outputs
   steps = [int(out.split("preempted at step ")[1].split()[0])
            for out in outputs]
-  assert steps[0] == steps[1] > 2, outputs
+  assert 2 < steps[0] == steps[1] < NUM_STEPS, outputs
   assert str(steps[0]) in os.listdir(checkpoints)
