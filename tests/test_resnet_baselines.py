@@ -284,9 +284,11 @@ def test_config_kind_picks_the_model():
   for kind in FAMILIES:
     c = resnet_config.get_config(f"kind={kind},depth=26,smoke=True")
     experiment_config.validate(c)
-    # Fixup's smoke model is twice as wide (configs/resnet.py).
+    # Fixup's smoke model is twice as wide, SkipInit's digits are shifted
+    # (configs/resnet.py).
     assert c.model.kwargs.width_multiplier == (0.5 if kind == "fixup" else
                                                0.25)
+    assert c.dataset.augment_shift == (2 if kind == "skipinit" else 0)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
