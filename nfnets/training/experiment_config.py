@@ -223,8 +223,8 @@ def make_smoke_test(config: ml_collections.ConfigDict,
   0.5-3% over 64, and 16 by a further 0.3% on average over seeds 0-2, 0-1.2%
   by family). `batch_size` picks another batch at the same peak lr. A
   config may tune its own smoke run further (`configs/nf_regnet.py`,
-  `configs/nfnet_light.py`, `configs/resnet.py`); BENCHMARKS.md has what
-  each reaches.
+  `configs/nfnet_light.py`, `configs/resnet.py`, `configs/nf_resnet.py`);
+  BENCHMARKS.md has what each reaches.
   """
   config.dataset.update(dict(name="digits", image_size=32, eval_image_size=32,
                              num_classes=10, augment_shift=0,
