@@ -8,7 +8,7 @@ joins a `jax.distributed` job described by JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES and JAX_PROCESS_ID; the device count comes from XLA_FLAGS.
 The config does not depend on the topology, so every topology trains the
 same model on the same global batches. `--step_seconds` makes each training
-batch wait that long before it is drawn: a window for a signal between two
+batch wait that long before its step: a window for a signal between two
 steps of a run that compiles the same programs as the others.
 """
 
@@ -17,14 +17,16 @@ import os
 import sys
 import time
 
-# Runnable from a clone: the repo root (for `configs`) on the path.
+# Runnable from a clone: the repo root (for `configs`) and tests/ (for
+# `train_helpers`) on the path.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 from nfnets.training import loop  # pylint: disable=g-import-not-at-top,wrong-import-position
 from nfnets.training import parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
 import configs.digits as digits_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+import train_helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 NUM_STEPS = 6
 CHECKPOINT_EVERY = 2
@@ -49,19 +51,6 @@ def make_config(distributed: bool):
   return c
 
 
-class _Slowed:
-  """A training iterator that waits `seconds` before each batch."""
-
-  def __init__(self, iterator, seconds):
-    self.iterator, self.seconds = iterator, seconds
-    self.num_examples = iterator.num_examples
-    self.get_state, self.set_state = iterator.get_state, iterator.set_state
-
-  def __next__(self):
-    time.sleep(self.seconds)
-    return next(self.iterator)
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("workdir")
@@ -69,9 +58,10 @@ def main():
   parser.add_argument("--step_seconds", type=float, default=0.0)
   args = parser.parse_args()
   if args.step_seconds:
-    make_iterator = loop.data.train_iterator
-    loop.data.train_iterator = lambda config: _Slowed(make_iterator(config),
-                                                      args.step_seconds)
+    def wait(batch):
+      time.sleep(args.step_seconds)
+      return batch
+    loop.data.train_iterator = train_helpers.changed_train_iterator(None, wait)
   results = loop.train_and_evaluate(make_config(args.distributed),
                                     args.workdir, "train")
   if "preempted" in results:

@@ -78,8 +78,9 @@ def batch(n=32):
   return {"images": images[:n], "labels": labels[:n]}
 
 
-class _ChangedAt:
-  """A training iterator whose `n`-th batch (from 1) goes through `change`."""
+class _Changed:
+  """A training iterator whose `n`-th batch (from 1), or every batch if `n`
+  is None, goes through `change`."""
 
   def __init__(self, iterator, n, change):
     self.iterator, self.n, self.change, self.drawn = iterator, n, change, 0
@@ -89,15 +90,19 @@ class _ChangedAt:
   def __next__(self):
     batch = next(self.iterator)
     self.drawn += 1
-    return self.change(dict(batch)) if self.drawn == self.n else batch
+    return self.change(dict(batch)) if self.n in (None, self.drawn) else batch
+
+
+def changed_train_iterator(n, change):
+  """`loop.data.train_iterator` with its `n`-th batch (from 1; every batch
+  if None) passed through `change`, a function of the batch's dict that
+  returns the batch to use (and may act: send a signal, wait)."""
+  make_iterator = loop.data.train_iterator
+  return lambda config: _Changed(make_iterator(config), n, change)
 
 
 def change_train_batch(monkeypatch, n, change):
-  """Makes the trainer's next training iterators pass their `n`-th batch
-  (from 1) through `change`, a function of the batch's dict that returns the
-  batch to use (and may act, e.g. send a signal); `monkeypatch.undo()` ends
-  it."""
-  make_iterator = loop.data.train_iterator
-  monkeypatch.setattr(
-      loop.data, "train_iterator",
-      lambda config: _ChangedAt(make_iterator(config), n, change))
+  """Makes the trainer's next training iterators `changed_train_iterator(n,
+  change)`; `monkeypatch.undo()` ends it."""
+  monkeypatch.setattr(loop.data, "train_iterator",
+                      changed_train_iterator(n, change))

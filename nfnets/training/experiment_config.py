@@ -209,7 +209,8 @@ def shrink_model(config: ml_collections.ConfigDict) -> None:
 
 
 def make_smoke_test(config: ml_collections.ConfigDict,
-                    batch_size: int | None = None) -> None:
+                    batch_size: int | None = None,
+                    augment_shift: int = 0) -> None:
   """Shrinks a config in place to a run of a minute or two on the digits.
 
   The model keeps its family and options but gets the tiny widths of
@@ -221,13 +222,14 @@ def make_smoke_test(config: ml_collections.ConfigDict,
   families train at a peak lr of 0.025, by default at batch 16 (as base_lr
   0.1 at batch 64, over four times the steps: batch 32 lifted each family by
   0.5-3% over 64, and 16 by a further 0.3% on average over seeds 0-2, 0-1.2%
-  by family). `batch_size` picks another batch at the same peak lr. A
-  config may tune its own smoke run further (`configs/nf_regnet.py`,
-  `configs/nfnet_light.py`, `configs/resnet.py`, `configs/nf_resnet.py`);
+  by family). `batch_size` picks another batch at the same peak lr;
+  `augment_shift` shifts the training digits at random by up to that many
+  pixels (unshifted by default, as the digits config). A config may tune
+  its own smoke run further (`configs/nf_regnet.py`, `configs/resnet.py`);
   BENCHMARKS.md has what each reaches.
   """
   config.dataset.update(dict(name="digits", image_size=32, eval_image_size=32,
-                             num_classes=10, augment_shift=0,
+                             num_classes=10, augment_shift=augment_shift,
                              randaugment_layers=0, mixup_alpha=0.0,
                              cutmix_alpha=0.0))
   shrink_model(config)
