@@ -2,8 +2,9 @@
 
   python tests/multihost_worker.py WORKDIR [--distributed] [--step_seconds=S]
 
-Trains the digits NFNet for a few steps with `nfnets.training.loop` (checkpoints
-every 2 steps, an evaluation at the end). With `--distributed` the process
+Trains the digits NFNet for a few steps with `nfnets.training.loop` in
+train_eval mode (a checkpoint and an evaluation every 2 steps and at the
+end). With `--distributed` the process
 joins a `jax.distributed` job described by JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES and JAX_PROCESS_ID; the device count comes from XLA_FLAGS.
 The config does not depend on the topology, so every topology trains the
@@ -28,8 +29,8 @@ from nfnets.training import parallel  # pylint: disable=g-import-not-at-top,wron
 import configs.digits as digits_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 import train_helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-NUM_STEPS = 6
-CHECKPOINT_EVERY = 2
+NUM_STEPS = 8
+CHECKPOINT_EVERY = 2  # and evaluate
 
 
 def make_config(distributed: bool):
@@ -40,7 +41,9 @@ def make_config(distributed: bool):
   c.eval_batch_size = 40
   c.num_steps = NUM_STEPS
   c.checkpoint.every_steps = CHECKPOINT_EVERY
-  c.checkpoint.max_to_keep = NUM_STEPS // CHECKPOINT_EVERY
+  c.eval_every_steps = CHECKPOINT_EVERY
+  # Every checkpoint kept, a preemption's between them included.
+  c.checkpoint.max_to_keep = NUM_STEPS
   c.checkpoint.async_save = False
   c.log_every_steps = 1
   c.precision = "float32"
@@ -63,11 +66,10 @@ def main():
       return batch
     loop.data.train_iterator = train_helpers.changed_train_iterator(None, wait)
   results = loop.train_and_evaluate(make_config(args.distributed),
-                                    args.workdir, "train")
+                                    args.workdir, "train_eval")
   if "preempted" in results:
     print(f"process {jax.process_index()}: preempted at step "
           f"{results['preempted']}", flush=True)
-    return
   # The data sources' cross-process consistency check, both ways.
   parallel.check_same_across_processes(7, "seven")
   try:
@@ -76,8 +78,7 @@ def main():
   except ValueError as e:
     print(f"index check: {e}", flush=True)
   print(f"process {jax.process_index()} of {jax.process_count()} with "
-        f"{jax.device_count()} devices: eval_examples "
-        f"{results['eval_examples']:.0f}, loss {results['loss']:.6f}",
+        f"{jax.device_count()} devices: loss {results['loss']:.6f}",
         flush=True)
 
 

@@ -2,16 +2,15 @@
 
 The processes join a `jax.distributed` job through a loopback coordinator and
 train the digits NFNet in one shared workdir (`tests/multihost_worker.py`).
-Their checkpoints must hold the parameters of a single process with 4 devices
-fed the same global batches, also after one of them is SIGKILLed and the job
-restarted; each topology must resume the other's checkpoints, and a SIGTERM
-to one process must stop both at the same step.
+Their checkpoints and evaluations must be those of a single process with 4
+devices fed the same global batches, also after one of them is SIGKILLed and
+the job restarted; a SIGTERM to one process must stop both at the same step,
+and a single process must resume their checkpoint.
 """
 
 import json
 import os
 import random
-import shutil
 import signal
 import socket
 import subprocess
@@ -27,7 +26,7 @@ from nfnets.training import weights_io
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "multihost_worker.py")
-NUM_STEPS = 6  # as in the worker, which checkpoints every 2 steps
+NUM_STEPS = 8  # as in the worker, which checkpoints and evaluates every 2
 DEVICES = 4  # global devices of every topology
 TIMEOUT = 300  # seconds per job
 _DEVICE_FLAG = "--xla_force_host_platform_device_count"
@@ -79,56 +78,71 @@ def _kill_running(procs):
       proc.wait()
 
 
-def run_job(workdir, num_processes, logdir):
-  """Trains in `workdir` with 1 process of 4 devices or 2 of 2; waits.
+class Job:
+  """1 process of 4 devices or 2 of 2 (a `jax.distributed` job) training in
+  `workdir`, each process's output in `{logdir}/{name}-{process}.log`.
 
-  A failed process stops the job at once (its peers would wait for it in a
-  collective); every process still running at the end is killed.
-
-  Args:
-    workdir: the run's workdir, shared by the processes.
-    num_processes: 1 (a plain run) or 2 (a `jax.distributed` job).
-    logdir: where each process's output goes.
-
-  Returns:
-    The output of each process.
+  Use as a context manager: every process still running at the end is
+  killed (a failed process leaves its peers waiting in a collective).
   """
-  os.makedirs(logdir, exist_ok=True)
-  coordinator = f"127.0.0.1:{_free_port()}"
-  name = os.path.basename(workdir)
-  logs = [os.path.join(logdir, f"{name}-{p}.log")
-          for p in range(num_processes)]
-  procs = []
-  try:
-    for p, log in enumerate(logs):
+
+  def __init__(self, workdir, num_processes, logdir, name, *args):
+    os.makedirs(logdir, exist_ok=True)
+    self.workdir, self.num_processes = workdir, num_processes
+    self.logs = [os.path.join(logdir, f"{name}-{p}.log")
+                 for p in range(num_processes)]
+    self.deadline = time.monotonic() + TIMEOUT
+    coordinator = f"127.0.0.1:{_free_port()}"
+    self.procs = []
+    for p, log in enumerate(self.logs):
       if num_processes == 1:
-        args, env = [], _env(DEVICES)
+        env = _env(DEVICES)
       else:
-        args = ["--distributed"]
+        args = ("--distributed", *args)
         env = _env(DEVICES // num_processes, p, num_processes, coordinator)
-      procs.append(_start_worker(workdir, args, env, log))
-    deadline = time.monotonic() + TIMEOUT
-    while time.monotonic() < deadline:
-      codes = [proc.poll() for proc in procs]
+      self.procs.append(_start_worker(workdir, args, env, log))
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    _kill_running(self.procs)
+
+  def wait_until(self, condition):
+    """Polls `condition()` while every process runs."""
+    while not condition():
+      running = all(p.poll() is None for p in self.procs)
+      assert running and time.monotonic() < self.deadline, self.report()
+      time.sleep(0.05)
+
+  def finish(self):
+    """Waits for the processes to exit 0 (or one to fail); their outputs."""
+    while time.monotonic() < self.deadline:
+      codes = [proc.poll() for proc in self.procs]
       if None not in codes or any(code for code in codes):
         break
       time.sleep(0.2)
-  finally:
-    _kill_running(procs)
-  outputs = [_tail(log) for log in logs]
-  codes = [proc.returncode for proc in procs]
-  report = "\n".join(f"--- process {p}:\n{out}"
-                     for p, out in enumerate(outputs))
-  assert codes == [0] * num_processes, f"{name}: exit codes {codes}\n{report}"
-  for p, out in enumerate(outputs):
-    assert (f"process {p} of {num_processes} with {DEVICES} devices"
-            in out), out
-    if num_processes == 1:
-      assert "index check passed" in out, out
-    else:
-      assert ("index check: processes disagree on the index: [0, 1] "
-              "(by process)") in out, out
-  return outputs
+    _kill_running(self.procs)
+    codes = [proc.returncode for proc in self.procs]
+    assert codes == [0] * self.num_processes, (
+        f"exit codes {codes}\n{self.report()}")
+    outputs = self.outputs()
+    for p, out in enumerate(outputs):
+      assert (f"process {p} of {self.num_processes} with {DEVICES} devices"
+              in out), out
+      if self.num_processes == 1:
+        assert "index check passed" in out, out
+      else:
+        assert ("index check: processes disagree on the index: [0, 1] "
+                "(by process)") in out, out
+    return outputs
+
+  def outputs(self):
+    return [_tail(log) for log in self.logs]
+
+  def report(self):
+    return "\n".join(f"--- process {p}:\n{out}"
+                     for p, out in enumerate(self.outputs()))
 
 
 def read_state(workdir, step):
@@ -141,18 +155,12 @@ def read_state(workdir, step):
 
 
 def read_metrics(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
-
-
-def _last_logged_step(workdir):
-  """The last step in a run's metrics.jsonl (read while it is written)."""
+  """The lines of a run's metrics.jsonl (complete ones: it may be written)."""
   try:
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
-      lines = [line for line in f if line.endswith("\n")]
+      return [json.loads(line) for line in f if line.endswith("\n")]
   except FileNotFoundError:
-    return 0
-  return max((json.loads(line)["step"] for line in lines), default=0)
+    return []
 
 
 def checkpoint_steps(workdir):
@@ -160,7 +168,7 @@ def checkpoint_steps(workdir):
   return sorted(int(name) for name in names if name.isdigit())
 
 
-def assert_same_weights(workdir, reference, step=NUM_STEPS):
+def assert_same_weights(workdir, reference, step):
   """The weights and optimizer state at `step` equal the reference's."""
   got, want = read_state(workdir, step), read_state(reference, step)
   for key in ("params", "ema_params", "opt_state"):
@@ -172,141 +180,131 @@ def assert_same_weights(workdir, reference, step=NUM_STEPS):
   assert int(got["step"]) == int(want["step"]) == step
 
 
-def resume_from(source, step, workdir):
-  """A new workdir holding only `source`'s checkpoint at `step`."""
-  shutil.copytree(os.path.join(source, "checkpoints", str(step)),
-                  os.path.join(workdir, "checkpoints", str(step)))
-  return workdir
-
-
-def kill_one_process_at_a_random_step(workdir, logdir):
-  """Starts a 2-process run and SIGKILLs one process at a random step."""
-  rng = random.Random()
-  step, victim = rng.randint(2, NUM_STEPS - 1), rng.randint(0, 1)
-  print(f"SIGKILL to process {victim} after step {step}")
-  coordinator = f"127.0.0.1:{_free_port()}"
-  logs = [os.path.join(logdir, f"killed-{p}.log") for p in range(2)]
-  procs = []
-  try:
-    for p, log in enumerate(logs):
-      procs.append(_start_worker(workdir, ["--distributed"],
-                                 _env(DEVICES // 2, p, 2, coordinator), log))
-    deadline = time.monotonic() + TIMEOUT
-    # Process 0 logs every step: kill once step `step` is logged, i.e. in
-    # the next step or the save after it.
-    while _last_logged_step(workdir) < step:
-      assert time.monotonic() < deadline and None in [
-          p.poll() for p in procs], _tail(logs[0])
-      time.sleep(0.05)
-    procs[victim].kill()
-  finally:
-    # The survivor waits for its peer in a collective: stop it too.
-    _kill_running(procs)
-  assert procs[victim].returncode == -signal.SIGKILL, (step, victim)
+def _preempted_step(output):
+  return int(output.split("preempted at step ")[1].split()[0])
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """The reference (1 process, 4 devices) and a 2-process run, fresh.
+  """The reference and a 2-process run through every interruption.
 
-  The 2-process run is SIGKILLed in one process at a random step, then
-  restarted, and must end as if it had never stopped.
+  The reference is 1 process of 4 devices, uninterrupted. The other run is 2
+  processes of 2 devices: one of them SIGKILLed at a random step (3 or 4,
+  so that its first checkpoint and evaluation, at step 2, are done); the
+  job restarted, with a second's wait before each batch, and SIGTERM sent
+  to one process once it has trained a step; then finished by 1 process
+  of 4 devices from the checkpoint that left.
+
+  Returns:
+    A dict: `reference` and `run` (workdirs); `killed`, `restarted` (the
+    lines of `run`'s metrics.jsonl once each 2-process job ended) and
+    `preempted` (the 2 processes' outputs after the SIGTERM).
   """
   base = tmp_path_factory.mktemp("multihost")
   logdir = str(base / "logs")
-  os.makedirs(logdir)
-  reference = str(base / "one_process")
-  run_job(reference, 1, logdir)
-  two = str(base / "two_processes")
-  kill_one_process_at_a_random_step(two, logdir)
-  run_job(two, 2, logdir)
-  return base, reference, two
+  reference, run = str(base / "one_process"), str(base / "two_processes")
+  with Job(reference, 1, logdir, "reference") as job:
+    job.finish()
+
+  rng = random.Random()
+  step, victim = rng.randint(3, 4), rng.randint(0, 1)
+  print(f"SIGKILL to process {victim} after step {step}")
+  with Job(run, 2, logdir, "killed") as job:
+    # Process 0 logs every step: the kill comes in the next step or the
+    # checkpoint and evaluation after it.
+    job.wait_until(lambda: max(
+        (m["step"] for m in read_metrics(run)), default=0) >= step)
+    job.procs[victim].kill()
+    job.procs[victim].wait()
+  assert job.procs[victim].returncode == -signal.SIGKILL, (step, victim)
+  killed = len(read_metrics(run))
+
+  with Job(run, 2, logdir, "restarted", "--step_seconds=1") as job:
+    # Process 1 alone is told to stop, once the restart has trained a step.
+    job.wait_until(lambda: len(read_metrics(run)) > killed)
+    job.procs[1].send_signal(signal.SIGTERM)
+    preempted = job.finish()
+  restarted = len(read_metrics(run))
+
+  with Job(run, 1, logdir, "finished") as job:
+    job.finish()
+  return dict(reference=reference, run=run, killed=killed,
+              restarted=restarted, preempted=preempted)
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(runs):
+  """JAX's preemption service: every process saves one agreed step."""
+  metrics = read_metrics(runs["run"])
+  resumed = metrics[runs["killed"]]["step"] - 1
+  assert resumed in (2, 4), resumed  # a checkpoint of the killed job
+  steps = [_preempted_step(out) for out in runs["preempted"]]
+  assert resumed < steps[0] == steps[1] < NUM_STEPS, runs["preempted"]
+  assert steps[0] in checkpoint_steps(runs["run"])
+  # The last step the 2 processes logged is the step they saved.
+  assert metrics[runs["restarted"] - 1]["step"] == steps[0]
+
+
+def test_one_process_resumes_the_checkpoint_of_two(runs):
+  metrics = read_metrics(runs["run"])
+  preempted = _preempted_step(runs["preempted"][0])
+  # It went on from the 2 processes' step (a fresh start would log step 1)
+  # and ended as the reference did.
+  assert metrics[runs["restarted"]]["step"] == preempted + 1
+  assert_same_weights(runs["run"], runs["reference"], NUM_STEPS)
 
 
 def test_two_processes_equal_one_process_with_the_same_devices(runs):
-  _, reference, two = runs
-  assert checkpoint_steps(two) == checkpoint_steps(reference) == [2, 4, 6]
-  for step in (2, NUM_STEPS):
-    assert_same_weights(two, reference, step)
+  reference, run = runs["reference"], runs["run"]
+  assert checkpoint_steps(reference) == [2, 4, 6, 8]
+  assert set(checkpoint_steps(run)) == {
+      2, 4, 6, 8, _preempted_step(runs["preempted"][0])}
+  # Step 2 was saved by the 2 processes (the killed job); they resumed it or
+  # step 4.
+  assert_same_weights(run, reference, 2)
   # read_params (init_from, export) reads a 4-device checkpoint in this
   # 8-device process.
-  loaded = weights_io.read_params(two)["params"]
+  loaded = weights_io.read_params(run)["params"]
   for a, b in zip(jax.tree.leaves(loaded),
-                  jax.tree.leaves(read_state(two, NUM_STEPS)["params"])):
+                  jax.tree.leaves(read_state(run, NUM_STEPS)["params"])):
     np.testing.assert_array_equal(a, b)
   # Not vacuous: training moved the weights by far more than the tolerance.
   first, last = (read_state(reference, s)["params"] for s in (2, NUM_STEPS))
   assert max(float(np.abs(a - b).max()) for a, b in zip(
       jax.tree.leaves(first), jax.tree.leaves(last))) > 1e-4
-  # Process 0 alone writes the metrics. The steps between the checkpoint
-  # the restart resumed and the kill are logged twice, the same (speeds
-  # aside) both times.
-  records = {}
-  for m in read_metrics(two):
+  # Process 0 alone writes the metrics. The steps between the checkpoint a
+  # restart resumed and the kill or SIGTERM are logged twice, the same
+  # (speeds aside) both times.
+  records, by_two = {}, set()
+  for i, m in enumerate(read_metrics(run)):
     m = {k: v for k, v in m.items() if not k.endswith("_per_sec")}
     key = (m["step"], "eval_examples" in m)
     assert m == pytest.approx(records.setdefault(key, m), rel=1e-6), (
         f"step {key[0]} replayed differently: {m}")
-  want = read_metrics(reference)
-  assert [(m["step"], "eval_examples" in m) for m in want] == sorted(records)
-  assert sorted(records) == [(s, False) for s in range(1, NUM_STEPS + 1)] + [
-      (NUM_STEPS, True)]
-  for w in want[:-1]:
-    for name in ("loss", "grad_norm", "learning_rate"):
-      assert records[(w["step"], False)][name] == pytest.approx(
-          w[name], rel=1e-5), (w["step"], name)
-  # The evaluation counts every example once across processes and agrees
-  # with the single process.
-  got = records[(NUM_STEPS, True)]
-  count = want[-1]["eval_examples"]
-  assert got["eval_examples"] == count > 0
-  for name in ("eval_top1", "eval_ema_top1", "eval_loss", "eval_ema_loss"):
-    # At most one prediction may flip on rounding.
-    assert got[name] == pytest.approx(want[-1][name], abs=1.01 / count)
-
-
-def test_one_process_resumes_the_checkpoint_of_two(runs):
-  # (Two processes resume two processes' checkpoint in the `runs` fixture.)
-  base, reference, two = runs
-  step = 4
-  resumed = resume_from(two, step, str(base / "resumed_from_2"))
-  run_job(resumed, 1, str(base / "logs"))
-  # It went on from the copied step (a fresh start would log step 1).
-  assert read_metrics(resumed)[0]["step"] == step + 1
-  assert checkpoint_steps(resumed)[-1] == NUM_STEPS
-  assert_same_weights(resumed, reference)
-
-
-def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
-  """JAX's preemption service: every process saves one agreed step.
-
-  The run is the `runs` fixture's 2-process job (its programs come from the
-  compilation cache) with a second's wait before each batch, so that the
-  signal lands between steps 2 and NUM_STEPS.
-  """
-  coordinator = f"127.0.0.1:{_free_port()}"
-  logs = [tmp_path / f"p{p}.log" for p in range(2)]
-  procs = []
-  try:
-    for p, log in enumerate(logs):
-      procs.append(_start_worker(
-          tmp_path / "run", ["--distributed", "--step_seconds=1"],
-          _env(DEVICES // 2, p, 2, coordinator), log))
-    deadline = time.monotonic() + TIMEOUT
-    # Process 1 alone is told to stop, once training has started.
-    checkpoints = tmp_path / "run" / "checkpoints"
-    while not (checkpoints / "2").is_dir():
-      assert time.monotonic() < deadline and procs[0].poll() is None, (
-          _tail(logs[0]))
-      time.sleep(0.2)
-    procs[1].send_signal(signal.SIGTERM)
-    codes = [proc.wait(timeout=max(1, deadline - time.monotonic()))
-             for proc in procs]
-  finally:
-    _kill_running(procs)
-  outputs = [_tail(log) for log in logs]
-  assert codes == [0, 0], outputs
-  steps = [int(out.split("preempted at step ")[1].split()[0])
-           for out in outputs]
-  assert 2 < steps[0] == steps[1] < NUM_STEPS, outputs
-  assert str(steps[0]) in os.listdir(checkpoints)
+    if i < runs["restarted"]:
+      by_two.add(key)
+  want = {(m["step"], "eval_examples" in m): m
+          for m in read_metrics(reference)}
+  assert sorted(want) == sorted(
+      [(s, False) for s in range(1, NUM_STEPS + 1)] +
+      [(s, True) for s in range(2, NUM_STEPS + 1, 2)])
+  # Every step, and every evaluation but one the SIGTERM may have cut short.
+  assert set(records) <= set(want)
+  assert len(set(want) - set(records)) <= 1, sorted(records)
+  assert {k for k in want if not k[1]} | {(NUM_STEPS, True)} <= set(records)
+  for key, w in want.items():
+    if not key[1]:
+      for name in ("loss", "grad_norm", "learning_rate"):
+        assert records[key][name] == pytest.approx(w[name], rel=1e-5), (
+            key, name)
+  # An evaluation by the 2 processes (at step 2, before the kill) counts
+  # every example once across them and agrees with the single process; so
+  # do the others.
+  assert (2, True) in by_two
+  for key, w in want.items():
+    if key in records and key[1]:
+      got, count = records[key], w["eval_examples"]
+      assert got["eval_examples"] == count > 0
+      for name in ("eval_top1", "eval_ema_top1", "eval_loss",
+                   "eval_ema_loss"):
+        # At most one prediction may flip on rounding.
+        assert got[name] == pytest.approx(w[name], abs=1.01 / count), key
