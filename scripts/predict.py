@@ -139,6 +139,8 @@ def predict(model_name, weights, paths, image_size=None, precision="float32",
   if top_k < 1 or (image_size is not None and image_size < 1):
     raise ValueError("top_k and image_size must be positive")
   pre = settings(model_name, weights, image_size=image_size, **preprocessing)
+  # The images first: an unreadable one fails before the weights load.
+  images = np.stack([prepare(transforms.load_rgb(p), pre) for p in paths])
   loaded = weights_io.load_weights(weights, model_name)
   params, model_state = loaded["ema_params"], loaded["ema_model_state"]
   try:
@@ -148,7 +150,6 @@ def predict(model_name, weights, paths, image_size=None, precision="float32",
   num_classes = int(np.shape(params[head]["b"])[0])
   size = pre.test_size
   model = models.build_model(model_name, num_classes=num_classes)
-  images = np.stack([prepare(transforms.load_rgb(p), pre) for p in paths])
   abstract, abstract_state = jax.eval_shape(
       lambda x: model.init(jax.random.PRNGKey(0), x, is_training=True),
       jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
