@@ -50,7 +50,7 @@ def test_tiny_sweep_runs_what_is_not_finished_and_a_rerun_skips_all(
   os.makedirs(tmp_path / "seed=1")
   (tmp_path / "seed=1" / "done.json").write_text("{}")
   flags = ["--config=configs/digits.py:seeds=2", f"--workdir_root={tmp_path}",
-           "--run", "--", "--config.num_steps=24", "--config.batch_size=32",
+           "--run", "--", "--config.num_steps=12", "--config.batch_size=32",
            "--config.checkpoint.every_steps=4", "--config.log_every_steps=1",
            "--config.eval_batch_size=360", "--config.fast_paths=False"]
   first = _sweep(*flags)
