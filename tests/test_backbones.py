@@ -21,6 +21,7 @@ from nfnets.models import common
 from nfnets.training import experiment_config
 from nfnets.training import optim
 from nfnets.training import parallel
+from nfnets.training import steps
 import jaxpr_helpers
 import model_helpers
 import train_helpers
@@ -206,7 +207,7 @@ def test_dilated_model_keeps_the_early_features():
                                      output_stride=s, **kwargs)
                for s in (32, 8)}
 
-  @jax.jit
+  @model_helpers.fast_jit
   def run(params, images):
     return {s: m.apply(params, {}, None, images, is_training=False,
                        return_metrics=True, return_features=True)[0]
@@ -242,9 +243,14 @@ def _random_params(name, **overrides):
       params)
 
 
+@functools.cache
+def _tiny_f0_random_params():
+  return _random_params("nfnet_f0", num_classes=10, **TINY["nfnet_f0"])
+
+
 def _tiny_f0_params():
-  return jax.tree.map(jnp.asarray, _random_params(
-      "nfnet_f0", num_classes=10, **TINY["nfnet_f0"]))
+  # device_put, not jnp.asarray: that compiles a (staging) program per shape.
+  return jax.device_put(_tiny_f0_random_params())
 
 
 def _frozen(config, params):
@@ -253,7 +259,8 @@ def _frozen(config, params):
 
 
 def _moved(updates):
-  return jax.tree.map(lambda u: bool(jnp.any(u != 0)), updates)
+  # On the host: eager jnp operations would compile a program per shape.
+  return jax.tree.map(lambda u: bool(np.any(np.asarray(u) != 0)), updates)
 
 
 # SGD's weight decay is a chain element, AdamW's (as LAMB's) inside optax's
@@ -268,24 +275,26 @@ def test_frozen_stages_get_no_update_decay_or_agc(name):
   assert jax.tree.leaves(frozen) == [
       g in ("stem", "stage0") for g in jax.tree.leaves(groups)]
   optimizer = optim.make_optimizer(config, lambda _: 0.1)
-  state = optimizer.init(params)
-  update = jax.jit(optimizer.update)
+  # Jitted, with cheaper XLA:CPU settings (and the gradients below made on
+  # the host): eager operations would compile a program per shape.
+  state = model_helpers.fast_jit(optimizer.init)(params)
+  update = model_helpers.fast_jit(optimizer.update)
   # No optimizer state (momentum, Adam moments) for what is frozen.
-  unfrozen = optim.make_optimizer(_tiny_f0_config(name=name),
-                                  lambda _: 0.1).init(params)
+  unfrozen = jax.eval_shape(optim.make_optimizer(
+      _tiny_f0_config(name=name), lambda _: 0.1).init, params)
   assert len(jax.tree.leaves(state)) < len(jax.tree.leaves(unfrozen))
   # Huge gradients: every trained unit is clipped, no frozen one moves.
-  huge = jax.tree.map(lambda p: 1e3 * jnp.ones_like(p), params)
+  huge = jax.tree.map(lambda p: np.full(p.shape, 1e3, np.float32), params)
   updates, new_state = update(huge, state, params)
   assert _moved(updates) == jax.tree.map(lambda f: not f, frozen)
   assert float(optim.agc_clipped_fraction(new_state)) == 1.0
   # Huge gradients on the frozen parameters only: AGC does not count them.
-  only_frozen = jax.tree.map(lambda g, f: g if f else jnp.zeros_like(g),
+  only_frozen = jax.tree.map(lambda g, f: g if f else np.zeros_like(g),
                              huge, frozen)
   updates, new_state = update(only_frozen, state, params)
   assert float(optim.agc_clipped_fraction(new_state)) == 0.0
   # Zero gradients: weight decay moves the trained kernels, not the frozen.
-  zeros = jax.tree.map(jnp.zeros_like, params)
+  zeros = jax.tree.map(lambda p: np.zeros(p.shape, np.float32), params)
   updates, _ = update(zeros, state, params)
   decayed = optim.weight_decay_mask(params)
   assert _moved(updates) == jax.tree.map(
@@ -296,33 +305,51 @@ def test_linear_probe_updates_only_the_head():
   config = _tiny_f0_config(linear_probe=True)
   params = _tiny_f0_params()
   optimizer = optim.make_optimizer(config, lambda _: 0.1)
-  grads = jax.tree.map(jnp.ones_like, params)
-  updates, _ = optimizer.update(grads, optimizer.init(params), params)
+  grads = jax.tree.map(lambda p: np.ones(p.shape, np.float32), params)
+  # One jitted program: eager operations would compile one per shape.
+  updates = model_helpers.fast_jit(
+      lambda g, p: optimizer.update(g, optimizer.init(p), p)[0])(grads, params)
   moved = {m for m, leaves in _moved(updates).items() if any(leaves.values())}
   assert moved == {"NFNet/~/linear"}
+
+
+@functools.cache
+def _step_convolutions(**optimizer_options):
+  """(forward convolutions, convolutions in the train step's jaxpr) of
+  `train_helpers.tiny_config` with these optimizer options on one device.
+
+  Traced, not compiled: the state is the init's shapes (`jax.eval_shape`).
+  """
+  mesh = Mesh(np.asarray(jax.devices()[:1]), (parallel.AXIS,))
+  config = train_helpers.tiny_config(**{
+      f"optimizer.{k}": v for k, v in optimizer_options.items()})
+  model = models.build_model(config.model.name, num_classes=10,
+                             **config.model.kwargs)
+  schedule = optim.learning_rate_schedule(config, 100, 10)
+  optimizer = optim.make_optimizer(config, schedule)
+  state = jax.eval_shape(steps.make_init(model, optimizer, (32, 32, 3), mesh),
+                         jax.random.PRNGKey(0))
+  step = steps.make_train_step(model, optimizer, schedule, config, mesh)
+  count = jaxpr_helpers.count_primitive(
+      step, "conv_general_dilated", state,
+      parallel.shard_batch(train_helpers.batch(8), mesh))
+  # One forward convolution per conv module.
+  return sum(1 for m in state.params if "conv" in m or "stem" in m), count
 
 
 @pytest.mark.parametrize("freeze", [dict(freeze_stages=1),
                                     dict(linear_probe=True)])
 def test_the_step_computes_no_gradient_for_frozen_stages(freeze):
-  # Traced, not compiled: the train step's convolutions. Frozen parameters
-  # are stop_gradient'ed in the loss, so the backward pass has no weight
-  # gradient for a frozen conv and stops before the first trained one.
-  mesh = Mesh(np.asarray(jax.devices()[:1]), (parallel.AXIS,))
-  counts = {}
-  for name, options in (("none", {}), ("frozen", freeze)):
-    config = train_helpers.tiny_config(**{
-        f"optimizer.{k}": v for k, v in options.items()})
-    state, step = train_helpers.setup(config, mesh)
-    counts[name] = jaxpr_helpers.count_primitive(
-        step, "conv_general_dilated", state,
-        parallel.shard_batch(train_helpers.batch(8), mesh))
-  # One forward convolution per conv module.
-  forward = sum(1 for m in state.params if "conv" in m or "stem" in m)
+  # The train step's convolutions: frozen parameters are stop_gradient'ed in
+  # the loss, so the backward pass has no weight gradient for a frozen conv
+  # and stops before the first trained one. (The unfrozen step's count is
+  # traced once for both cases.)
+  forward, unfrozen = _step_convolutions()
+  _, frozen = _step_convolutions(**freeze)
   if freeze.get("linear_probe"):
-    assert counts["frozen"] == forward  # no backward conv at all
+    assert frozen == forward  # no backward conv at all
   else:
-    assert forward < counts["frozen"] < counts["none"]
+    assert forward < frozen < unfrozen
 
 
 @pytest.mark.parametrize("change,match", [

@@ -3,7 +3,7 @@ float32, training-mode randomness and state.
 
 Anything that runs uses small widths and is jitted with cheaper XLA:CPU
 settings (`model_helpers.fast_jit`); real inits are shared through
-module-scoped fixtures.
+module-scoped fixtures; remat's residuals are measured from shapes.
 """
 
 import haiku as hk
@@ -18,6 +18,7 @@ from model_helpers import NFNET_SMALL
 from model_helpers import fast_jit
 from model_helpers import init_model
 from model_helpers import set_skip_gains
+from nfnets import agc
 from nfnets import models
 
 
@@ -257,17 +258,25 @@ def test_resnet_batch_norm_state_updates_only_in_training():
 
 
 
-@pytest.mark.parametrize("name, overrides", [
-    ("nfnet_f0", NFNET_SMALL), ("nf_resnet26", NF_RESNET_SMALL)])
-def test_remat_same_params_and_gradients_less_memory(name, overrides):
-  overrides = dict(overrides, drop_path_rate=0.0, dropout_rate=0.0)
-  params, _ = init_model(name, num_classes=10, **overrides)
+@pytest.mark.parametrize("name, overrides, fixture", [
+    ("nfnet_f0", NFNET_SMALL, "nfnet_small"),
+    ("nf_resnet26", NF_RESNET_SMALL, "nf_resnet_small")])
+def test_remat_same_params_and_gradients_less_memory(name, overrides, fixture,
+                                                     request):
+  overrides = dict(overrides, num_classes=10, drop_path_rate=0.0,
+                   dropout_rate=0.0)
+  # The module's initialised model, its classifier cut to the first 10 of
+  # its 1000 classes (no second init to compile).
+  params, _ = request.getfixturevalue(fixture)
+  head = agc.classifier_module(params)
+  params = hk.data_structures.map(
+      lambda m, n, v: np.asarray(v)[..., :10] if m == head else v, params)
   params = set_skip_gains(params, 0.5)
   images = jax.random.normal(jax.random.PRNGKey(1), (8, 64, 64, 3))
   labels = jnp.arange(8) % 10
   grads, residuals = [], []
   for remat in (False, True):
-    model = models.build_model(name, num_classes=10, remat=remat, **overrides)
+    model = models.build_model(name, remat=remat, **overrides)
     # Same names and shapes: checkpoints and released weights still load.
     shapes = jax.eval_shape(
         lambda x, m=model: m.init(jax.random.PRNGKey(0), x,
@@ -281,12 +290,14 @@ def test_remat_same_params_and_gradients_less_memory(name, overrides):
                       jnp.take_along_axis(logits, labels[:, None], -1)[:, 0])
 
     grads.append(fast_jit(jax.value_and_grad(loss))(params))
-    # What the forward pass keeps for the backward one: the vjp's residuals.
-    kept = fast_jit(lambda p, f=loss: jax.tree.leaves(jax.vjp(f, p)[1]))
-    residuals.append(sum(x.nbytes for x in kept(params)))
+    # What the forward pass keeps for the backward one: the vjp's residuals
+    # (their shapes: traced, not compiled).
+    kept = jax.eval_shape(lambda p, f=loss: jax.tree.leaves(jax.vjp(f, p)[1]),
+                          params)
+    residuals.append(sum(np.prod(x.shape) * x.dtype.itemsize for x in kept))
   np.testing.assert_allclose(grads[1][0], grads[0][0], rtol=1e-6)
   for a, b in zip(jax.tree.leaves(grads[1][1]), jax.tree.leaves(grads[0][1])):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-  # Measured: 0.45 (NFNet), 0.31 (NF-ResNet) of the bytes without remat. (XLA
+  # Measured: 0.55 (NFNet), 0.39 (NF-ResNet) of the bytes without remat. (XLA
   # CPU reports the same temp memory either way; measure on a GPU.)
   assert residuals[1] < 0.6 * residuals[0], residuals

@@ -1,8 +1,10 @@
 """The training recipe against the released code (docs/fidelity.md).
 
 Schedule and step count, evaluation precision, the EMA of the model state
-(and old checkpoints without it), gradient accumulation. The optimizer's
-three parameter groups: test_recipe_optimizer.py.
+(and old checkpoints without it), invalid gradient accumulation settings.
+The optimizer's three parameter groups: test_recipe_optimizer.py. An
+accumulated step against the whole batch's: test_train.py's
+test_fast_paths_on_and_off_give_the_same_step.
 """
 
 import jax
@@ -19,6 +21,8 @@ from nfnets.training import parallel
 from nfnets.training import steps
 from nfnets.training import weights_io
 
+from test_train import fast_compiled  # pylint: disable=g-bad-import-order
+from test_train import shared_config  # pylint: disable=g-bad-import-order
 from train_helpers import batch  # pylint: disable=g-bad-import-order
 from train_helpers import setup  # pylint: disable=g-bad-import-order
 from train_helpers import tiny_config  # pylint: disable=g-bad-import-order
@@ -65,16 +69,44 @@ def _eval_sums(config, state, mesh):
   data = batch(40)
   data["mask"] = np.ones(40, np.float32)
   step = steps.make_eval_step(model, config, mesh)
-  return jax.device_get(step(state, parallel.shard_batch(data, mesh)))
+  sharded = parallel.shard_batch(data, mesh)
+  return jax.device_get(fast_compiled(step, state, sharded)(state, sharded))
 
 
-def test_evaluation_runs_in_eval_precision():
-  # The released code trains in bfloat16 and evaluates in float32.
+def _bn_config(**overrides):
+  """A tiny batch-normalised ResNet: a model with a model state."""
+  return tiny_config(model=experiment_config.model_config(
+      "resnet26", width_multiplier=0.25), **overrides)
+
+
+@pytest.fixture(scope="module")
+def bn_step():
+  """One step of `_bn_config()` on 8 devices, for the evaluation, EMA and
+  checkpoint tests: one compiled train step for the three (and one float32
+  eval step for the first two).
+
+  Returns:
+    A dict: `mesh`, `step`, `batch` (sharded), `before` (a host copy of the
+    initial state, which the step donates), `state` (after the step, on the
+    devices) and `metrics`.
+  """
   mesh = _mesh()
-  trained = tiny_config(precision="bfloat16")
-  state, _ = setup(trained, mesh)
+  state, step = setup(_bn_config(), mesh)
+  sharded = parallel.shard_batch(batch(), mesh)
+  step = fast_compiled(step, state, sharded)
+  before = jax.device_get(state)
+  state, metrics = step(state, sharded)
+  return dict(mesh=mesh, step=step, batch=sharded, before=before,
+              state=state, metrics=jax.device_get(metrics))
+
+
+def test_evaluation_runs_in_eval_precision(bn_step):
+  """The released code trains in bfloat16 and evaluates in float32."""
+  state, mesh = bn_step["state"], bn_step["mesh"]
+  trained = _bn_config(precision="bfloat16")
+  # (The same eval program as the EMA test's, which uses `_bn_config()`.)
   default = _eval_sums(trained, state, mesh)
-  as_float32 = _eval_sums(tiny_config(precision="float32"), state, mesh)
+  as_float32 = _eval_sums(_bn_config(precision="float32"), state, mesh)
   assert trained.eval_precision == "float32"
   assert default == as_float32
   trained.eval_precision = "bfloat16"
@@ -82,22 +114,12 @@ def test_evaluation_runs_in_eval_precision():
   assert in_bfloat16["loss"] != default["loss"]
 
 
-def _bn_config():
-  """A tiny batch-normalised ResNet: a model with a model state."""
-  return tiny_config(model=experiment_config.model_config(
-      "resnet26", width_multiplier=0.25))
-
-
-def test_ema_of_the_model_state_and_its_evaluation():
-  # The released `_train_fn` averages the model state (batch-norm
-  # statistics) as it does the parameters; the EMA evaluation uses it.
-  config = _bn_config()
-  mesh = _mesh()
-  state, step = setup(config, mesh)
-  before = jax.device_get(state)
-  state, metrics = step(state, parallel.shard_batch(batch(), mesh))
-  after = jax.device_get(state)
-  decay = float(metrics["ema_decay"])
+def test_ema_of_the_model_state_and_its_evaluation(bn_step):
+  """The released `_train_fn` averages the model state (batch-norm
+  statistics) as it does the parameters; the EMA evaluation uses it."""
+  mesh, state = bn_step["mesh"], bn_step["state"]
+  before, after = bn_step["before"], jax.device_get(state)
+  decay = float(bn_step["metrics"]["ema_decay"])
   assert 0 < decay < 1
   moved = 0
   for path, ema in jax.tree_util.tree_leaves_with_path(after.ema_model_state):
@@ -112,9 +134,9 @@ def test_ema_of_the_model_state_and_its_evaluation():
   assert moved  # the EMA state is not just a copy of the state
   # EMA weights equal to the raw ones: only the model state differs.
   state = state._replace(ema_params=state.params)
-  sums = _eval_sums(config, state, mesh)
+  sums = _eval_sums(_bn_config(), state, mesh)
   assert sums["ema_loss"] != sums["loss"]
-  same = _eval_sums(config, state._replace(
+  same = _eval_sums(_bn_config(), state._replace(
       ema_model_state=state.model_state), mesh)
   assert same["ema_loss"] == same["loss"] == sums["loss"]
 
@@ -125,15 +147,29 @@ def _at(tree, path):
   return tree
 
 
+def _trained_nfnet():
+  """The tiny NFNet (no model state) after one step, as `bn_step` gives it.
+
+  On 1 device with test_train.py's `shared_config`: the program of
+  its `plain_whole_batch`, compiled once (the persistent cache).
+  """
+  mesh = _mesh(1)
+  state, step = setup(shared_config(), mesh)
+  sharded = parallel.shard_batch(batch(), mesh)
+  step = fast_compiled(step, state, sharded)
+  state, _ = step(state, sharded)
+  return dict(mesh=mesh, step=step, batch=sharded, state=state)
+
+
 @pytest.mark.parametrize("name", ["resnet26", "nfnet_f0"])
-def test_a_checkpoint_without_the_added_fields_restores(tmp_path, name):
-  # Checkpoints written before the TrainState had `ema_model_state` and
-  # `loss_average`: the EMA state starts as the model state, the average
-  # empty.
-  config = tiny_config() if name == "nfnet_f0" else _bn_config()
-  mesh = _mesh()
-  state, step = setup(config, mesh)
-  state, _ = step(state, parallel.shard_batch(batch(), mesh))
+def test_a_checkpoint_without_the_added_fields_restores(tmp_path, request,
+                                                        name):
+  """Checkpoints written before the TrainState had `ema_model_state` and
+  `loss_average`: the EMA state starts as the model state (a BN-ResNet's,
+  and NFNet's empty one), the average empty."""
+  trained = (request.getfixturevalue("bn_step") if name == "resnet26"
+             else _trained_nfnet())
+  state, step = trained["state"], trained["step"]
   old = {k: v for k, v in state._asdict().items()
          if k not in checkpoint.ADDED_FIELDS}
   ckpt = checkpoint.Checkpointer(str(tmp_path), 3, async_save=False)
@@ -155,41 +191,11 @@ def test_a_checkpoint_without_the_added_fields_restores(tmp_path, name):
   assert {k: float(v) for k, v in restored.loss_average.items()} == {
       "sum": 0.0, "weight": 0.0}
   # It trains on (the donated state holds no buffer twice).
-  restored, metrics = step(restored, parallel.shard_batch(batch(), mesh))
+  restored, metrics = step(restored, trained["batch"])
   assert np.isfinite(float(metrics["loss"]))
   assert int(restored.step) == 2
   assert weights_io.read_params(str(tmp_path))["ema_model_state"].keys() == (
       state.model_state.keys())
-
-
-def test_accumulated_step_equals_the_whole_batch_step():
-  # Stochastic depth and dropout off (the tiny config has none), AGC on:
-  # micro-batches give the step of the whole batch, across devices (64
-  # examples on one device; 2 micro-batches of 4 on each of 8).
-  results = []
-  for devices, accumulation in ((1, 1), (8, 2)):
-    mesh = _mesh(devices)
-    config = tiny_config(batch_size=64, accumulation_steps=accumulation)
-    assert config.model.kwargs["drop_path_rate"] == 0.0
-    assert config.model.kwargs["dropout_rate"] == 0.0
-    assert config.optimizer.agc_clipping > 0
-    state, step = setup(config, mesh)
-    initial = jax.device_get(state.params)
-    for _ in range(2):
-      state, metrics = step(state, parallel.shard_batch(batch(64), mesh))
-    results.append((jax.device_get(state), jax.device_get(metrics)))
-  (whole, m1), *accumulated = results
-  for state, metrics in accumulated:
-    assert int(state.step) == 2  # optimizer steps, not micro-batches
-    for a, b in zip(jax.tree.leaves(whole.params),
-                    jax.tree.leaves(state.params), strict=True):
-      np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
-    for key in ("loss", "train_accuracy", "grad_norm",
-                "agc_clipped_fraction"):
-      assert metrics[key] == pytest.approx(m1[key], rel=1e-5, abs=1e-6), key
-  moved = max(np.abs(a - b).max() for a, b in zip(
-      jax.tree.leaves(initial), jax.tree.leaves(whole.params)))
-  assert moved > 1e-3
 
 
 def test_accumulation_that_does_not_divide_the_batch_is_an_error(tmp_path):

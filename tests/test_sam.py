@@ -41,9 +41,14 @@ def _hand_sam(grad_fn, params, rho):
     `(value_at_w, plain_grad, sam_grad)`.
   """
   value, g = grad_fn(params)
-  norm = jnp.sqrt(sum(jnp.sum(x ** 2) for x in jax.tree.leaves(g)))
-  perturbed = jax.tree.map(lambda w, gw: w + rho * gw / (norm + 1e-12),
-                           params, g)
+  # In float64 numpy: eager jnp ops would compile a small program for each
+  # leaf shape (seconds in all for a network).
+  g64 = [np.asarray(x, np.float64) for x in jax.tree.leaves(g)]
+  norm = np.sqrt(sum(np.sum(x ** 2) for x in g64))
+  leaves, treedef = jax.tree.flatten(params)
+  perturbed = treedef.unflatten([
+      (np.asarray(w, np.float64) + rho * gw / (norm + 1e-12)).astype(w.dtype)
+      for w, gw in zip(leaves, g64, strict=True)])
   return value, g, grad_fn(perturbed)[1]
 
 

@@ -1,4 +1,5 @@
-"""Trainer steps: data parallelism, the fast paths, masks, EMA, optimizers.
+"""Trainer steps: data parallelism, the fast paths, gradient accumulation,
+masks, EMA, optimizers.
 
 End to end runs, checkpoints and bad input: test_train_loop.py.
 """
@@ -17,23 +18,107 @@ from nfnets.training import parallel
 from nfnets.training import steps
 
 from jaxpr_helpers import find_eqns  # pylint: disable=g-bad-import-order
+import model_helpers  # pylint: disable=g-bad-import-order
+import train_helpers  # pylint: disable=g-bad-import-order
 from train_helpers import batch  # pylint: disable=g-bad-import-order
 from train_helpers import setup  # pylint: disable=g-bad-import-order
 from train_helpers import tiny_config  # pylint: disable=g-bad-import-order
 import configs.nfnet as nfnet_config  # pylint: disable=g-bad-import-order
 
 
+# Compiling the train steps (10-20 s each on CPUs) takes most of this
+# module's time, so it compiles few: the fast-path, accumulation and EMA
+# tests share one plain whole-batch step on 1 device (`plain_whole_batch`);
+# with the fast accumulated step and the two SAM steps, four in all, each
+# with `fast_compiled`. The 8-device steps start from the 1-device init's
+# state (`_on_devices`): one init is compiled.
+
+
+def _mesh(count):
+  return Mesh(np.asarray(jax.devices()[:count]), (parallel.AXIS,))
+
+
+def shared_config(**overrides):
+  """The tiny config (batch 32) with a constant EMA decay of 0.9 and twice
+  the base learning rate: the peak of batch 64's, 0.1, with which two steps
+  move some weight by over 1e-3.
+
+  test_recipe.py's checkpoint test trains the tiny NFNet with this config on
+  1 device too: the same program, which the persistent compilation cache
+  (tests/conftest.py) then compiles once.
+  """
+  config = tiny_config(**{"ema.decay": 0.9, "ema.warmup": False,
+                          **overrides})
+  config.optimizer.base_lr *= 2
+  return config
+
+
+def _on_devices(config, host_state, count):
+  """(state, step, mesh) of `config` on `count` devices, the state
+  `host_state` (a host copy of `setup`'s) replicated: the same start as
+  `setup`'s init on any mesh, without compiling that init again."""
+  mesh = _mesh(count)
+  # pylint: disable-next=protected-access
+  model, schedule, optimizer, _ = train_helpers._parts(config, mesh)
+  step = steps.make_train_step(model, optimizer, schedule, config, mesh)
+  return parallel.replicate(host_state, mesh), step, mesh
+
+
+def fast_compiled(jitted, *args):
+  """`jitted` (a `jax.jit` function) compiled for `args` with
+  `model_helpers.fast_compile_options()`: XLA:CPU's classic kernels compile
+  a train step in up to half the CPU time. The same program (donation
+  included), to be called with arguments of the same shapes."""
+  return jitted.lower(*args).compile(
+      model_helpers.fast_compile_options() or None)
+
+
+def _fenced(step, state, sharded):
+  """How many custom VJPs and layout barriers (the fast paths) the traced
+  `step` holds."""
+  return len(find_eqns(step, ("custom_vjp_call", "custom_vjp_call_jaxpr",
+                              "optimization_barrier"), state, sharded))
+
+
+@pytest.fixture(scope="module")
+def plain_whole_batch():
+  """Two steps of `shared_config()` (plain twins) on 1 device.
+
+  Returns:
+    A dict: `states`, the host copies of the state before the first step
+    and after each of the two (the step donates its input state), `metrics`,
+    each step's metrics, and `fenced`, `_fenced` of the traced step.
+  """
+  mesh = _mesh(1)
+  state, step = setup(shared_config(), mesh)
+  sharded = parallel.shard_batch(batch(), mesh)
+  fenced = _fenced(step, state, sharded)
+  step = fast_compiled(step, state, sharded)
+  states, metrics = [jax.device_get(state)], []
+  for _ in range(2):
+    state, step_metrics = step(state, sharded)
+    states.append(jax.device_get(state))
+    metrics.append(jax.device_get(step_metrics))
+  return dict(states=states, metrics=metrics, fenced=fenced)
+
+
 def test_one_and_eight_devices_give_the_same_sam_step():
-  # The synchronised ascent step makes 8 devices equal 1 (without SAM:
-  # test_fast_paths_on_and_off_give_the_same_step).
+  """The synchronised ascent step makes 8 devices equal 1 (plain twins).
+
+  Without SAM: test_fast_paths_on_and_off_give_the_same_step (1 vs 8
+  devices too).
+  """
   config = tiny_config(**{"optimizer.sam_rho": 0.05})
+  mesh = _mesh(1)
+  state, step = setup(config, mesh)
+  initial = jax.device_get(state)
   results = []
-  for devices in (jax.devices()[:1], jax.devices()):
-    mesh = Mesh(np.asarray(devices), (parallel.AXIS,))
-    state, step = setup(config, mesh)
-    initial = jax.device_get(state.params)
+  for state, step, mesh in ((state, step, mesh),
+                            _on_devices(config, initial, 8)):
+    sharded = parallel.shard_batch(batch(), mesh)
+    step = fast_compiled(step, state, sharded)
     for _ in range(2):
-      state, metrics = step(state, parallel.shard_batch(batch(), mesh))
+      state, metrics = step(state, sharded)
     results.append((jax.device_get(state), jax.device_get(metrics)))
   (one, m1), (eight, m8) = results
   assert len(jax.devices()) == 8
@@ -45,46 +130,59 @@ def test_one_and_eight_devices_give_the_same_sam_step():
   assert m1["loss"] == pytest.approx(m8["loss"], rel=1e-5)
   # The update did something (not a vacuous equality).
   moved = [np.abs(a - b).max() for a, b in zip(
-      jax.tree.leaves(initial), jax.tree.leaves(one.params))]
+      jax.tree.leaves(initial.params), jax.tree.leaves(one.params))]
   assert max(moved) > 1e-4
 
 
-def test_fast_paths_on_and_off_give_the_same_step():
-  # config.fast_paths=False traces the step with the plain twins of
-  # nfnets.ops (XLA's conv gradient, autodiff of WS and the activations,
-  # per-leaf AGC, no layout barrier): the same state to float tolerance. The
-  # fast paths on 1 and 8 devices and the plain twins on 1 (the plain twins
-  # on 1 vs 8: the SAM and accumulation tests). The tiny NFNet has strided
-  # grouped convs (stages 2-4).
-  states, losses, initial = {}, {}, {}
-  for fast_paths, device_counts in ((True, (1, 8)), (False, (1,))):
-    config = tiny_config(fast_paths=fast_paths)
-    for count in device_counts:
-      devices = jax.devices()[:count]
-      mesh = Mesh(np.asarray(devices), (parallel.AXIS,))
-      state, step = setup(config, mesh)
-      initial[fast_paths, count] = jax.device_get(state.params)
-      # The switch reaches the traced step: custom VJPs and barriers (the
-      # fast paths) or none.
-      sharded = parallel.shard_batch(batch(), mesh)
-      fenced = len(find_eqns(step, ("custom_vjp_call", "custom_vjp_call_jaxpr",
-                                    "optimization_barrier"), state, sharded))
-      assert (fenced > 0) == fast_paths, fenced
-      for _ in range(2):
-        state, metrics = step(state, sharded)
-      states[fast_paths, len(devices)] = jax.device_get(state)
-      losses[fast_paths, len(devices)] = float(metrics["loss"])
-  reference = states[True, 1]
-  for key, state in states.items():
-    assert losses[key] == pytest.approx(losses[True, 1], rel=1e-5)
-    for part in ("params", "opt_state", "ema_params"):
-      for a, b in zip(jax.tree.leaves(getattr(reference, part)),
-                      jax.tree.leaves(getattr(state, part))):
-        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6,
-                                   err_msg=f"{part}, {key}")
-  assert max(np.abs(a - b).max() for a, b in zip(
-      jax.tree.leaves(initial[True, 1]),
-      jax.tree.leaves(reference.params))) > 1e-4
+def test_fast_paths_on_and_off_give_the_same_step(plain_whole_batch):
+  """The fast paths with gradient accumulation on 8 devices give the plain
+  whole-batch step on 1 device: one comparison for three claims.
+
+  - config.fast_paths=False traces the step with the plain twins of
+    nfnets.ops (XLA's conv gradient, autodiff of WS and the activations,
+    per-leaf AGC, no layout barrier); True with custom VJPs and barriers.
+    Both give the same state to float tolerance. The tiny NFNet has strided
+    grouped convs (stages 2-4).
+  - 1 device and 8 give the same step: the gradient and the metrics are
+    means over the global batch (with SAM: the test above).
+  - Micro-batches give the step of the whole batch (`accumulation_steps`):
+    32 examples on one device; 2 micro-batches of 2 on each of 8. Stochastic
+    depth and dropout are off (the tiny config has none), AGC on, so the
+    clip sees the whole batch's gradient. (The accumulated step runs slowly
+    on CPUs, ~0.2 s per example: hence 32, not more.)
+  """
+  config = shared_config(fast_paths=True, accumulation_steps=2)
+  assert config.model.kwargs["drop_path_rate"] == 0.0
+  assert config.model.kwargs["dropout_rate"] == 0.0
+  assert config.optimizer.agc_clipping > 0
+  assert len(jax.devices()) == 8
+  initial, whole = plain_whole_batch["states"][0], plain_whole_batch[
+      "states"][2]
+  whole_metrics = plain_whole_batch["metrics"][1]
+  state, step, mesh = _on_devices(config, initial, 8)
+  sharded = parallel.shard_batch(batch(), mesh)
+  # The switch reaches the traced steps: custom VJPs and barriers (the fast
+  # paths) or none.
+  fenced = _fenced(step, state, sharded)
+  assert fenced > 0, fenced
+  assert plain_whole_batch["fenced"] == 0, plain_whole_batch["fenced"]
+  step = fast_compiled(step, state, sharded)
+  for _ in range(2):
+    state, metrics = step(state, sharded)
+  state, metrics = jax.device_get((state, metrics))
+  assert int(state.step) == 2  # optimizer steps, not micro-batches
+  for part in ("params", "opt_state", "ema_params"):
+    for a, b in zip(jax.tree.leaves(getattr(whole, part)),
+                    jax.tree.leaves(getattr(state, part)), strict=True):
+      np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6, err_msg=part)
+  assert metrics["loss"] == pytest.approx(whole_metrics["loss"], rel=1e-5)
+  for key in ("train_accuracy", "grad_norm", "agc_clipped_fraction"):
+    assert metrics[key] == pytest.approx(whole_metrics[key], rel=1e-5,
+                                         abs=1e-6), key
+  # The update did something (not a vacuous equality).
+  moved = max(np.abs(a - b).max() for a, b in zip(
+      jax.tree.leaves(initial.params), jax.tree.leaves(whole.params)))
+  assert moved > 1e-3
 
 
 def test_masks_and_ema_act_on_the_right_leaves_of_nfnet_f0():
@@ -109,22 +207,21 @@ def test_masks_and_ema_act_on_the_right_leaves_of_nfnet_f0():
   assert mask["NFNet/~/nf_block_2"]["skip_gain"]
 
 
-def test_ema_update_and_decay_follow_the_formula():
-  config = tiny_config()
-  config.ema.update(dict(decay=0.9, warmup=False))
-  mesh = Mesh(np.asarray(jax.devices()), (parallel.AXIS,))
-  state, step = setup(config, mesh)
-  before = jax.device_get(state)
-  after, metrics = step(state, parallel.shard_batch(batch(), mesh))
-  after = jax.device_get(after)
-  assert metrics["ema_decay"] == pytest.approx(0.9)
-  for name in ("NFNet/~/nf_block_1/~/conv1", "NFNet/~/linear"):
-    for leaf, ema in after.ema_params[name].items():
-      expected = 0.9 * before.ema_params[name][leaf] + 0.1 * after.params[
-          name][leaf]
-      np.testing.assert_allclose(ema, expected, rtol=1e-6, atol=1e-7)
+def test_ema_update_and_decay_follow_the_formula(plain_whole_batch):
+  """Each step's EMA is `decay * EMA + (1 - decay) * new params` (decay 0.9,
+  no warmup: `plain_whole_batch`); the warmup is `min(decay, (1 + t) /
+  (10 + t))`."""
+  states, metrics = plain_whole_batch["states"], plain_whole_batch["metrics"]
+  # Step 1 starts from EMA = params; at step 2 they differ.
+  for before, after, step_metrics in zip(states, states[1:], metrics):
+    assert step_metrics["ema_decay"] == pytest.approx(0.9)
+    for name in ("NFNet/~/nf_block_1/~/conv1", "NFNet/~/linear"):
+      for leaf, ema in after.ema_params[name].items():
+        expected = 0.9 * before.ema_params[name][leaf] + 0.1 * after.params[
+            name][leaf]
+        np.testing.assert_allclose(ema, expected, rtol=1e-6, atol=1e-7)
   # Warmup: min(decay, (1 + t) / (10 + t)).
-  config.ema.warmup = True
+  config = shared_config(**{"ema.warmup": True})
   assert float(steps.ema_decay(config, jnp.asarray(0))) == pytest.approx(0.1)
   assert float(steps.ema_decay(config, jnp.asarray(10**6))) == pytest.approx(
       0.9)

@@ -1,4 +1,10 @@
-"""The training loop end to end: checkpoints, init_from, NaN, bad input."""
+"""The training loop end to end: checkpoints, init_from, NaN, bad input.
+
+Each trainer run traces its steps and loads or compiles them, which is most
+of this module's time: the tests share two finished runs, the tiny NFNet's
+(`trained`) and a batch-normalised ResNet's (`bn_run`), and copy them to
+change them; the NaN and loss-spike stops are one guarded run's.
+"""
 
 import os
 import shutil
@@ -43,9 +49,12 @@ def test_train_eval_end_to_end_writes_metrics_and_checkpoints(trained,
   lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
   assert any('"agc_clipped_fraction"' in line for line in lines)
   assert any('"eval_ema_top5"' in line for line in lines)
-  # Resuming a finished run trains no further and evaluates the same state.
+  # Resuming a finished run trains no further and evaluates the same state
+  # (so `results` are also the eval-mode results of the finished run, which
+  # test_init_from_wrong_model_names_the_module compares with).
   again = loop.train_and_evaluate(config, str(tmp_path), "eval")
-  assert again["eval_ema_top1"] == results["eval_ema_top1"]
+  for key in ("eval_top1", "eval_ema_top1"):
+    assert again[key] == results[key], key
 
 
 def test_truncated_latest_checkpoint_falls_back_to_previous(trained, tmp_path,
@@ -144,69 +153,81 @@ def test_unwritable_workdir_is_a_clear_error(tmp_path):
     loop.train_and_evaluate(tiny_config(), str(blocker / "run"))
 
 
-def test_init_from_wrong_model_names_the_module(trained, tmp_path):
-  shutil.copytree(trained[0], tmp_path / "a")
-  wider = tiny_config(init_from=str(tmp_path / "a"))
-  wider.model.kwargs = dict(wider.model.kwargs, width_multiplier=0.25)
-  with pytest.raises(ValueError, match="does not fit the model: module"):
-    loop.train_and_evaluate(wider, str(tmp_path / "b"))
-  assert not (tmp_path / "b" / "checkpoints").exists() or not os.listdir(
-      tmp_path / "b" / "checkpoints")
-  # The same model initialises from it and starts at step 0 with its weights.
-  same = tiny_config(init_from=str(tmp_path / "a"), num_steps=3)
-  results = loop.train_and_evaluate(same, str(tmp_path / "c"), "eval")
-  first = loop.train_and_evaluate(tiny_config(), str(tmp_path / "a"),
-                                  "eval")
-  assert results["eval_top1"] == first["eval_top1"]
-
-
-def test_init_from_a_batch_norm_run_carries_its_statistics(tmp_path):
-  """Evaluating a ResNet run through init_from equals evaluating the run."""
+@pytest.fixture(scope="module")
+def bn_run(tmp_path_factory):
+  """A finished tiny ResNet run (batch norm): (workdir, config, results)."""
   config = resnet_config.get_config("depth=26,smoke=True")
-  config.update(dict(num_steps=4, batch_size=32, eval_batch_size=40,
+  config.update(dict(num_steps=2, batch_size=32, eval_batch_size=40,
                      log_every_steps=2, fast_paths=False))
   config.model.kwargs.width_multiplier = 0.125
   config.checkpoint.update(dict(every_steps=2, async_save=False))
-  loop.train_and_evaluate(config, str(tmp_path / "a"), "train")
+  workdir = tmp_path_factory.mktemp("bn_run") / "run"
+  results = loop.train_and_evaluate(config, str(workdir), "train")
+  return workdir, config, results
+
+
+def test_init_from_wrong_model_names_the_module(trained, bn_run, tmp_path):
+  """init_from another model's run is an error naming the first module that
+  does not fit, and writes no checkpoint; the same model's run initialises
+  the model with its weights."""
+  # The NFNet from the ResNet run: both programs are the runs' own (cached).
+  wrong = tiny_config(init_from=str(bn_run[0]))
+  with pytest.raises(ValueError, match=r"does not fit the model: module "
+                     r"'NFNet/~/\S+' has nothing there, the model needs"):
+    loop.train_and_evaluate(wrong, str(tmp_path / "b"))
+  assert not (tmp_path / "b" / "checkpoints").exists() or not os.listdir(
+      tmp_path / "b" / "checkpoints")
+  # The same model initialises from it and starts at step 0 with its weights:
+  # it evaluates as the run's own evaluation of its last step (which
+  # test_train_eval_end_to_end_writes_metrics_and_checkpoints shows is what
+  # evaluating the finished run gives).
+  shutil.copytree(trained[0], tmp_path / "a")
+  same = tiny_config(init_from=str(tmp_path / "a"), num_steps=3)
+  results = loop.train_and_evaluate(same, str(tmp_path / "c"), "eval")
+  assert results["eval_top1"] == trained[1]["eval_top1"]
+
+
+def test_init_from_a_batch_norm_run_carries_its_statistics(bn_run, tmp_path):
+  """Evaluating a ResNet run through init_from equals evaluating the run."""
+  workdir, config, own = bn_run
   # The state keeps its types through the step (batch norm's int counter).
-  saved = weights_io.read_params(str(tmp_path / "a"))["model_state"]
+  saved = weights_io.read_params(str(workdir))["model_state"]
   counters = [v for m in saved.values() for k, v in m.items() if k == "counter"]
   assert counters and all(c.dtype == np.int32 for c in counters)
-  own = loop.train_and_evaluate(config, str(tmp_path / "a"), "eval")
-  config.init_from = str(tmp_path / "a")
+  # `own`: the run's evaluation of its last (saved) state.
+  config = config.copy_and_resolve_references()
+  config.init_from = str(workdir)
   via = loop.train_and_evaluate(config, str(tmp_path / "b"), "eval")
   for key in ("eval_top1", "eval_loss", "eval_ema_top1", "eval_ema_loss"):
     assert via[key] == own[key], key
 
 
-def test_a_run_stopped_by_a_nan_batch_resumes_and_finishes(tmp_path,
-                                                            monkeypatch):
+def test_nan_and_spike_stops_save_the_last_good_state_and_resume(
+    tmp_path, monkeypatch):
+  """A NaN batch stops a run (NonFiniteLossError), a finite loss spike stops
+  it again (LossSpikeError, with the guard on); each time the last good
+  state is saved with its data position, and the run resumes from it and
+  finishes on clean data. (One guarded run: the guard is in the step, so
+  both stops share its one compiled step.)"""
+  config = tiny_config(**{"loss_spike.factor": 3.0, "loss_spike.window": 2})
+  # The 5th batch NaN: step 4 -> 5 is not finite.
   change_train_batch(monkeypatch, 5, lambda batch: dict(
       batch, images=np.full_like(batch["images"], np.nan)))
   with pytest.raises(loop.NonFiniteLossError,
                      match=r"NaN/inf at step 4.*last good state"):
-    # (The `trained` fixture's config: its programs come from the
-    # compilation cache.)
-    loop.train_and_evaluate(tiny_config(), str(tmp_path))
+    loop.train_and_evaluate(config, str(tmp_path))
   # The state after the 4 good steps, finite, saved with the data position
   # it was trained to, not the failing step's.
-  restored, data_state = restore_latest(tiny_config(), tmp_path)
+  restored, data_state = restore_latest(config, tmp_path)
   assert int(restored.step) == 4 and int(restored.nonfinite_step) == -1
   assert data_state == {"epoch": 0, "batch": 4}
   for leaf in jax.tree.leaves(restored.params):
     assert np.all(np.isfinite(leaf))
   monkeypatch.undo()
-  results = loop.train_and_evaluate(tiny_config(), str(tmp_path))
-  assert "eval_top1" in results and np.isfinite(results["loss"])
-  assert int(restore_latest(tiny_config(), tmp_path)[0].step) == 6
-
-
-def test_the_spike_guard_stops_at_a_finite_spike_and_resumes(tmp_path,
-                                                             monkeypatch):
-  change_train_batch(monkeypatch, 6, lambda batch: dict(
+  # Resumed at step 4, its 2nd batch (the 6th) scaled: a finite loss over 3
+  # times the running average of the losses of steps 1-5.
+  change_train_batch(monkeypatch, 2, lambda batch: dict(
       batch, images=batch["images"] * 2000.0))
-  config = tiny_config(num_steps=9, **{"loss_spike.factor": 3.0,
-                                       "loss_spike.window": 2})
   with pytest.raises(loop.LossSpikeError,
                      match=r"loss spiked at step 5: .*over loss_spike.factor"
                      r"=3 times its running average .*last good state"):
@@ -217,8 +238,9 @@ def test_the_spike_guard_stops_at_a_finite_spike_and_resumes(tmp_path,
   assert float(restored.loss_average["weight"]) > 0.9
   # Restarted on clean data, the guarded run finishes.
   monkeypatch.undo()
-  loop.train_and_evaluate(config, str(tmp_path), "train")
-  assert int(restore_latest(config, tmp_path)[0].step) == 9
+  results = loop.train_and_evaluate(config, str(tmp_path))
+  assert "eval_top1" in results and np.isfinite(results["loss"])
+  assert int(restore_latest(config, tmp_path)[0].step) == 6
 
 
 def test_the_spike_guard_compares_with_a_bias_corrected_average():
