@@ -30,7 +30,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # ones first keeps one worker from running the last long module alone while
 # the other idles.
 _SLOW_MODULES = ("test_multihost.py", "test_train_loop.py",
-                 "test_backbones.py", "test_benchmark_cli.py",
+                 "test_backbones.py", "test_finetune.py",
+                 "test_benchmark_cli.py",
                  "test_train.py", "test_recipe.py", "test_released_weights.py",
                  "test_model_numerics.py", "test_train_cli.py",
                  "test_sweep.py", "test_recipe_optimizer.py",

@@ -5,6 +5,7 @@ import functools
 import haiku as hk
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from nfnets import models
 
@@ -50,6 +51,15 @@ def abstract_init(name, image_size=32, **overrides):
 def abstract_params(name, **overrides):
   """The params of `abstract_init`."""
   return abstract_init(name, **overrides)[0]
+
+
+def random_params(name, **overrides):
+  """Random params of a model as numpy, made without compiling: N(1, 1)
+  each (seeded: the same every call)."""
+  rng = np.random.default_rng(0)
+  return jax.tree.map(
+      lambda s: np.asarray(rng.standard_normal(s.shape) + 1.0, np.float32),
+      abstract_params(name, **overrides))
 
 
 def init_model(name, seed=0, **overrides):

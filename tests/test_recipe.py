@@ -8,7 +8,6 @@ test_fast_paths_on_and_off_give_the_same_step.
 """
 
 import jax
-from jax.sharding import Mesh
 import numpy as np
 import pytest
 
@@ -21,18 +20,15 @@ from nfnets.training import parallel
 from nfnets.training import steps
 from nfnets.training import weights_io
 
-from test_train import fast_compiled  # pylint: disable=g-bad-import-order
-from test_train import shared_config  # pylint: disable=g-bad-import-order
+from train_helpers import fast_compiled  # pylint: disable=g-bad-import-order
+from train_helpers import mesh as _mesh  # pylint: disable=g-bad-import-order
+from train_helpers import shared_config  # pylint: disable=g-bad-import-order
 from train_helpers import batch  # pylint: disable=g-bad-import-order
 from train_helpers import setup  # pylint: disable=g-bad-import-order
 from train_helpers import tiny_config  # pylint: disable=g-bad-import-order
 import configs.nfnet as nfnet_config  # pylint: disable=g-bad-import-order
 
 IMAGENET_TRAIN = 1281167
-
-
-def _mesh(count=None):
-  return Mesh(np.asarray(jax.devices()[:count]), (parallel.AXIS,))
 
 
 def _released_warmup_cosine(itr, peak, total, warmup):
@@ -150,7 +146,7 @@ def _at(tree, path):
 def _trained_nfnet():
   """The tiny NFNet (no model state) after one step, as `bn_step` gives it.
 
-  On 1 device with test_train.py's `shared_config`: the program of
+  On 1 device with `train_helpers.shared_config`: the program of
   its `plain_whole_batch`, compiled once (the persistent cache).
   """
   mesh = _mesh(1)

@@ -296,7 +296,7 @@ def test_predict_script_on_generated_images(released_file, tmp_path):
 
 
 # Fine-tuning from a released file with a new head:
-# tests/test_backbones.py's test_finetune_config_runs_end_to_end.
+# tests/test_finetune.py's test_finetune_config_runs_end_to_end.
 
 
 def test_evaluate_released_f0_on_a_local_imagenet(small_f0_params,

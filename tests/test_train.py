@@ -8,7 +8,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh
 import numpy as np
 import pytest
 
@@ -18,7 +17,6 @@ from nfnets.training import parallel
 from nfnets.training import steps
 
 from jaxpr_helpers import find_eqns  # pylint: disable=g-bad-import-order
-import model_helpers  # pylint: disable=g-bad-import-order
 import train_helpers  # pylint: disable=g-bad-import-order
 from train_helpers import batch  # pylint: disable=g-bad-import-order
 from train_helpers import setup  # pylint: disable=g-bad-import-order
@@ -30,47 +28,8 @@ import configs.nfnet as nfnet_config  # pylint: disable=g-bad-import-order
 # module's time, so it compiles few: the fast-path, accumulation and EMA
 # tests share one plain whole-batch step on 1 device (`plain_whole_batch`);
 # with the fast accumulated step and the two SAM steps, four in all, each
-# with `fast_compiled`. The 8-device steps start from the 1-device init's
-# state (`_on_devices`): one init is compiled.
-
-
-def _mesh(count):
-  return Mesh(np.asarray(jax.devices()[:count]), (parallel.AXIS,))
-
-
-def shared_config(**overrides):
-  """The tiny config (batch 32) with a constant EMA decay of 0.9 and twice
-  the base learning rate: the peak of batch 64's, 0.1, with which two steps
-  move some weight by over 1e-3.
-
-  test_recipe.py's checkpoint test trains the tiny NFNet with this config on
-  1 device too: the same program, which the persistent compilation cache
-  (tests/conftest.py) then compiles once.
-  """
-  config = tiny_config(**{"ema.decay": 0.9, "ema.warmup": False,
-                          **overrides})
-  config.optimizer.base_lr *= 2
-  return config
-
-
-def _on_devices(config, host_state, count):
-  """(state, step, mesh) of `config` on `count` devices, the state
-  `host_state` (a host copy of `setup`'s) replicated: the same start as
-  `setup`'s init on any mesh, without compiling that init again."""
-  mesh = _mesh(count)
-  # pylint: disable-next=protected-access
-  model, schedule, optimizer, _ = train_helpers._parts(config, mesh)
-  step = steps.make_train_step(model, optimizer, schedule, config, mesh)
-  return parallel.replicate(host_state, mesh), step, mesh
-
-
-def fast_compiled(jitted, *args):
-  """`jitted` (a `jax.jit` function) compiled for `args` with
-  `model_helpers.fast_compile_options()`: XLA:CPU's classic kernels compile
-  a train step in up to half the CPU time. The same program (donation
-  included), to be called with arguments of the same shapes."""
-  return jitted.lower(*args).compile(
-      model_helpers.fast_compile_options() or None)
+# with `train_helpers.fast_compiled`. The 8-device steps start from the 1-device init's
+# state (`train_helpers.on_devices`): one init is compiled.
 
 
 def _fenced(step, state, sharded):
@@ -82,18 +41,18 @@ def _fenced(step, state, sharded):
 
 @pytest.fixture(scope="module")
 def plain_whole_batch():
-  """Two steps of `shared_config()` (plain twins) on 1 device.
+  """Two steps of `train_helpers.shared_config()` (plain twins) on 1 device.
 
   Returns:
     A dict: `states`, the host copies of the state before the first step
     and after each of the two (the step donates its input state), `metrics`,
     each step's metrics, and `fenced`, `_fenced` of the traced step.
   """
-  mesh = _mesh(1)
-  state, step = setup(shared_config(), mesh)
+  mesh = train_helpers.mesh(1)
+  state, step = setup(train_helpers.shared_config(), mesh)
   sharded = parallel.shard_batch(batch(), mesh)
   fenced = _fenced(step, state, sharded)
-  step = fast_compiled(step, state, sharded)
+  step = train_helpers.fast_compiled(step, state, sharded)
   states, metrics = [jax.device_get(state)], []
   for _ in range(2):
     state, step_metrics = step(state, sharded)
@@ -109,14 +68,14 @@ def test_one_and_eight_devices_give_the_same_sam_step():
   devices too).
   """
   config = tiny_config(**{"optimizer.sam_rho": 0.05})
-  mesh = _mesh(1)
+  mesh = train_helpers.mesh(1)
   state, step = setup(config, mesh)
   initial = jax.device_get(state)
   results = []
   for state, step, mesh in ((state, step, mesh),
-                            _on_devices(config, initial, 8)):
+                            train_helpers.on_devices(config, initial, 8)):
     sharded = parallel.shard_batch(batch(), mesh)
-    step = fast_compiled(step, state, sharded)
+    step = train_helpers.fast_compiled(step, state, sharded)
     for _ in range(2):
       state, metrics = step(state, sharded)
     results.append((jax.device_get(state), jax.device_get(metrics)))
@@ -151,7 +110,7 @@ def test_fast_paths_on_and_off_give_the_same_step(plain_whole_batch):
     clip sees the whole batch's gradient. (The accumulated step runs slowly
     on CPUs, ~0.2 s per example: hence 32, not more.)
   """
-  config = shared_config(fast_paths=True, accumulation_steps=2)
+  config = train_helpers.shared_config(fast_paths=True, accumulation_steps=2)
   assert config.model.kwargs["drop_path_rate"] == 0.0
   assert config.model.kwargs["dropout_rate"] == 0.0
   assert config.optimizer.agc_clipping > 0
@@ -159,14 +118,14 @@ def test_fast_paths_on_and_off_give_the_same_step(plain_whole_batch):
   initial, whole = plain_whole_batch["states"][0], plain_whole_batch[
       "states"][2]
   whole_metrics = plain_whole_batch["metrics"][1]
-  state, step, mesh = _on_devices(config, initial, 8)
+  state, step, mesh = train_helpers.on_devices(config, initial, 8)
   sharded = parallel.shard_batch(batch(), mesh)
   # The switch reaches the traced steps: custom VJPs and barriers (the fast
   # paths) or none.
   fenced = _fenced(step, state, sharded)
   assert fenced > 0, fenced
   assert plain_whole_batch["fenced"] == 0, plain_whole_batch["fenced"]
-  step = fast_compiled(step, state, sharded)
+  step = train_helpers.fast_compiled(step, state, sharded)
   for _ in range(2):
     state, metrics = step(state, sharded)
   state, metrics = jax.device_get((state, metrics))
@@ -221,7 +180,7 @@ def test_ema_update_and_decay_follow_the_formula(plain_whole_batch):
             name][leaf]
         np.testing.assert_allclose(ema, expected, rtol=1e-6, atol=1e-7)
   # Warmup: min(decay, (1 + t) / (10 + t)).
-  config = shared_config(**{"ema.warmup": True})
+  config = train_helpers.shared_config(**{"ema.warmup": True})
   assert float(steps.ema_decay(config, jnp.asarray(0))) == pytest.approx(0.1)
   assert float(steps.ema_decay(config, jnp.asarray(10**6))) == pytest.approx(
       0.9)

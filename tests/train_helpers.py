@@ -1,5 +1,7 @@
-"""The tiny trainer set-up shared by test_train.py and test_train_loop.py,
-and `change_train_batch` for tests that disturb a run's data."""
+"""The tiny trainer set-up shared by the trainer tests (test_train.py,
+test_recipe.py, test_train_loop.py, ...): configs, meshes, steps compiled
+with cheaper XLA:CPU options, and `change_train_batch` for tests that
+disturb a run's data."""
 
 import jax
 from jax.sharding import Mesh
@@ -13,6 +15,7 @@ from nfnets.training import optim
 from nfnets.training import parallel
 from nfnets.training import steps
 
+import model_helpers  # pylint: disable=g-bad-import-order
 import configs.digits as digits_config  # pylint: disable=g-bad-import-order
 
 
@@ -40,6 +43,35 @@ def tiny_config(**overrides):
   return c
 
 
+def shared_config(**overrides):
+  """The tiny config (batch 32) with a constant EMA decay of 0.9 and twice
+  the base learning rate: the peak of batch 64's, 0.1, with which two steps
+  move some weight by over 1e-3.
+
+  test_train.py's shared steps and test_recipe.py's checkpoint test train
+  the tiny NFNet with it on 1 device: one program, which the persistent
+  compilation cache (tests/conftest.py) compiles once.
+  """
+  config = tiny_config(**{"ema.decay": 0.9, "ema.warmup": False,
+                          **overrides})
+  config.optimizer.base_lr *= 2
+  return config
+
+
+def mesh(count=None):
+  """The 'data' mesh over the first `count` devices (all if None)."""
+  return Mesh(np.asarray(jax.devices()[:count]), (parallel.AXIS,))
+
+
+def fast_compiled(jitted, *args):
+  """`jitted` (a `jax.jit` function) compiled for `args` with
+  `model_helpers.fast_compile_options()`: XLA:CPU's classic kernels compile
+  a train step in up to half the CPU time. The same program (donation
+  included), to be called with arguments of the same shapes."""
+  return jitted.lower(*args).compile(
+      model_helpers.fast_compile_options() or None)
+
+
 def _parts(config, mesh):
   """The model, schedule, optimizer and (jitted) init of `config`."""
   model = models.build_model(config.model.name, num_classes=10,
@@ -57,15 +89,25 @@ def setup(config, mesh):
   return state, step
 
 
+def on_devices(config, host_state, count):
+  """(state, step, mesh) of `config` on `count` devices, the state
+  `host_state` (a host copy of `setup`'s) replicated: the same start as
+  `setup`'s init on any mesh, without compiling that init again."""
+  devices = mesh(count)
+  model, schedule, optimizer, _ = _parts(config, devices)
+  step = steps.make_train_step(model, optimizer, schedule, config, devices)
+  return parallel.replicate(host_state, devices), step, devices
+
+
 def restore_latest(config, workdir):
   """(state, data_state) of the newest readable checkpoint in `workdir`."""
-  mesh = Mesh(np.asarray(jax.devices()), (parallel.AXIS,))
+  devices = mesh()
   # Shapes only: nothing is compiled or run.
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                      sharding=parallel.replicated_sharding(
-                                         mesh)),
-      jax.eval_shape(_parts(config, mesh)[3], jax.random.PRNGKey(0)))
+                                         devices)),
+      jax.eval_shape(_parts(config, devices)[3], jax.random.PRNGKey(0)))
   ckpt = checkpoint.Checkpointer(str(workdir / "checkpoints"), 3, False)
   try:
     return ckpt.restore_latest(abstract)
